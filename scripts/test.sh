@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine (Python 3.11 and pip are all it needs):
+# lint, then pytest against the newest releases and against the endpoint base image's
+# diffusers/transformers/accelerate. Extra arguments go to both pytest runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup_env.sh .venv
+scripts/setup_env.sh .venv-base constraints/base-image.txt
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+
+run_pytest() {  # pytest exits 5 when it collected nothing: that is a failure here, not a pass
+  local python=$1 other=$2; shift 2
+  local rc=0
+  SD_OTHER_PYTHON="$other" "$python" -m pytest "$@" || rc=$?
+  if [ "$rc" -eq 5 ]; then echo "pytest collected no tests" >&2; return 1; fi
+  return "$rc"
+}
+echo "== newest releases" >&2
+run_pytest .venv/bin/python "$PWD/.venv-base/bin/python" "$@"
+echo "== endpoint base image versions" >&2
+run_pytest .venv-base/bin/python "$PWD/.venv/bin/python" "$@"

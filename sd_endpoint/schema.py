@@ -1,0 +1,320 @@
+"""The request and response of the endpoint, declared once.
+
+``request_model(limits)`` builds the pydantic model whose fields (names, aliases, types,
+ranges, defaults, help text) are the single source for validation, the error messages, the
+README's parameter table and the local server's OpenAPI schema. ``parse_request`` turns a
+JSON body in either accepted form into a validated ``GenerationRequest``, or raises a
+``ValueError`` whose message names each bad field and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from .settings import Limits
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+MAX_SEED = 2**32 - 1
+
+# Names a request may use for `scheduler`; "default" is the one the model folder ships.
+SCHEDULERS = ("default", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "ddim", "pndm", "lms")
+FORMATS = ("png", "jpeg", "webp")
+
+
+def _integer(value: Any) -> Any:
+    """JSON has one number type: accept 512.0 as 512, but never a bool or 512.5."""
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _has_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must contain text, not only white space")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integer), Field(strict=True)]
+Number = Annotated[float, BeforeValidator(_number), Field(strict=True)]
+Text = Annotated[str, Field(strict=True)]
+Prompt = Annotated[Text, AfterValidator(_has_text)]
+
+
+class RequestFields(BaseModel):
+    """Common base of every request model; see ``request_model`` for the fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@lru_cache(maxsize=8)
+def request_model(limits: Limits = Limits()) -> type[RequestFields]:
+    """The request model for ``limits`` (the ranges in its fields and help text come from it)."""
+    side = (
+        f"an integer multiple of 8 from {limits.min_side} to {limits.max_side}, "
+        f"with height × width at most {limits.max_pixels:,}"
+    )
+
+    class GenerationParameters(RequestFields):
+        inputs: Prompt = Field(
+            min_length=1,
+            max_length=limits.max_prompt_chars,
+            description=f"The prompt: non-empty text, at most {limits.max_prompt_chars} characters. "
+            "The text encoder reads its first 77 tokens; the response warns when it cut more.",
+            examples=["a red circle on a white background"],
+        )
+        negative_prompt: Text | None = Field(
+            default=None,
+            max_length=limits.max_prompt_chars,
+            description="What the image should not show: text, at most "
+            f"{limits.max_prompt_chars} characters. Has an effect only with guidance_scale > 1.",
+        )
+        height: Integer | None = Field(
+            default=None,
+            ge=limits.min_side,
+            le=limits.max_side,
+            multiple_of=8,
+            description=f"Image height in pixels: {side}. Default: the model's native size.",
+        )
+        width: Integer | None = Field(
+            default=None,
+            ge=limits.min_side,
+            le=limits.max_side,
+            multiple_of=8,
+            description=f"Image width in pixels: {side}. Default: the model's native size.",
+        )
+        guidance_scale: Number = Field(
+            default=DEFAULT_GUIDANCE,
+            ge=0,
+            le=limits.max_guidance,
+            description=f"Classifier-free guidance: a number from 0 to {limits.max_guidance:g}. "
+            "Higher follows the prompt more closely; 1 or less turns guidance off.",
+        )
+        num_inference_steps: Integer = Field(
+            default=DEFAULT_STEPS,
+            ge=1,
+            le=limits.max_steps,
+            validation_alias=AliasChoices("num_inference_steps", "inference_steps"),
+            description=f"Denoising steps: an integer from 1 to {limits.max_steps}. "
+            "`inference_steps` is the same field under its older name.",
+        )
+        seed: Integer | None = Field(
+            default=None,
+            ge=0,
+            le=MAX_SEED,
+            description=f"Random seed: an integer from 0 to {MAX_SEED}. The same request with "
+            "the same seed gives the same image; without one a seed is drawn and returned.",
+        )
+        scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
+            default="default",
+            description="Sampler: one of " + ", ".join(SCHEDULERS)
+            + ". `default` is the model folder's own scheduler.",
+        )
+        output_format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
+            default="png",
+            description="Image encoding of `image`: png (lossless), jpeg or webp (quality 90, "
+            "several times smaller).",
+        )
+
+        @model_validator(mode="after")
+        def _within_budget(self) -> "GenerationParameters":
+            height, width = self.height, self.width
+            if height is not None and width is not None and height * width > limits.max_pixels:
+                raise ValueError(
+                    f"height × width = {height} × {width} = {height * width:,} pixels is over "
+                    f"the limit of {limits.max_pixels:,}; lower height or width"
+                )
+            return self
+
+    GenerationParameters.__name__ = "GenerationParameters"
+    return GenerationParameters
+
+
+# Field names as users write them, in the order the docs list them.
+ALIASES = {"inference_steps": "num_inference_steps"}
+
+
+def accepted_fields(model: type[RequestFields]) -> list[str]:
+    names = []
+    for name in model.model_fields:
+        names.append(name)
+        names += [alias for alias, target in ALIASES.items() if target == name]
+    return names
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request with every default filled in (except a seed, drawn at run time)."""
+
+    prompt: str
+    negative_prompt: str | None
+    height: int
+    width: int
+    guidance_scale: float
+    num_inference_steps: int
+    seed: int | None
+    scheduler: str
+    output_format: str
+
+    @property
+    def work(self) -> int:
+        return self.height * self.width * self.num_inference_steps
+
+
+def parse_request(data: Any, limits: Limits, native_size: tuple[int, int]) -> GenerationRequest:
+    """Validate a request body in the seed's flat form or in Hugging Face's standard form.
+
+    Flat: ``{"inputs": "...", "height": 512, "inference_steps": 25, ...}``.
+    Standard: ``{"inputs": "...", "parameters": {"height": 512, "num_inference_steps": 25}}``.
+    The two forms mean the same thing for the same values; a field may be given in only one
+    place. Raises ``ValueError`` naming every bad field, before any work is done.
+    """
+    model = request_model(limits)
+    fields = _flatten(data, model)
+    try:
+        params = model.model_validate(fields)
+    except ValidationError as exc:
+        raise ValueError(_explain(exc, model, fields)) from None
+    height = params.height if params.height is not None else native_size[0]
+    width = params.width if params.width is not None else native_size[1]
+    request = GenerationRequest(
+        prompt=params.inputs,
+        negative_prompt=params.negative_prompt,
+        height=height,
+        width=width,
+        guidance_scale=float(params.guidance_scale),
+        num_inference_steps=params.num_inference_steps,
+        seed=params.seed,
+        scheduler=params.scheduler,
+        output_format=params.output_format,
+    )
+    # The default size is the model's; a model larger than the limits must still be asked for
+    # explicitly, and the total work is only known once both sizes are.
+    if height * width > limits.max_pixels:
+        raise ValueError(
+            f"height × width = {height} × {width} (the model's native size) is over the limit "
+            f"of {limits.max_pixels:,} pixels; give a smaller height and width"
+        )
+    if request.work > limits.max_work:
+        raise ValueError(
+            f"this request asks for height × width × steps = {height} × {width} × "
+            f"{request.num_inference_steps} = {request.work:,}, over the limit of "
+            f"{limits.max_work:,}; lower the size or num_inference_steps"
+        )
+    return request
+
+
+def _flatten(data: Any, model: type[RequestFields]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(
+            "the request body must be a JSON object such as "
+            f'{{"inputs": "a red circle"}}, not {_json_type(data)}'
+        )
+    fields = dict(data)
+    parameters = fields.pop("parameters", None)
+    if parameters is not None:
+        if not isinstance(parameters, dict):
+            raise ValueError(
+                f"`parameters` must be a JSON object of generation settings, not {_json_type(parameters)}"
+            )
+        twice = sorted(set(parameters) & set(fields))
+        if twice:
+            raise ValueError(
+                "given both at the top level and in `parameters`: "
+                + ", ".join(f"`{n}`" for n in twice)
+                + "; give each field once"
+            )
+        if "inputs" in parameters:
+            raise ValueError("`inputs` (the prompt) belongs at the top level, not in `parameters`")
+        fields.update(parameters)
+    if "inference_steps" in fields and "num_inference_steps" in fields:
+        raise ValueError(
+            "`inference_steps` and `num_inference_steps` are the same field; give only one"
+        )
+    unknown = [k for k in fields if k not in accepted_fields(model)]
+    if unknown:
+        problems = [
+            "unknown field" + ("s " if len(unknown) > 1 else " ")
+            + ", ".join(f"`{_short(k, quote=False)}`" for k in unknown)
+        ]
+        if "inputs" not in fields:
+            problems.append("`inputs` (the prompt text) is missing")
+        raise ValueError(
+            "; ".join(problems)
+            + ". Accepted fields: "
+            + ", ".join(accepted_fields(model))
+            + ", and `parameters` holding any of them but inputs"
+        )
+    return fields
+
+
+def _explain(exc: ValidationError, model: type[RequestFields], sent: dict[str, Any]) -> str:
+    messages = []
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else ""
+        name = next((alias for alias, target in ALIASES.items() if target == name and alias in sent), name)
+        if error["type"] == "missing":
+            messages.append(f"`{name}` is required: {_help(model, name)}")
+            continue
+        reason = error["msg"].removeprefix("Value error, ")
+        if not name:  # a whole-model check: its message is complete
+            messages.append(reason)
+            continue
+        messages.append(
+            f"`{name}` {_lowercase(reason)} (got {_short(error['input'])}). "
+            f"Allowed: {_help(model, name)}"
+        )
+    return "invalid request: " + "; ".join(m.rstrip(".") for m in messages)
+
+
+def _help(model: type[RequestFields], name: str) -> str:
+    name = ALIASES.get(name, name)
+    return model.model_fields[name].description if name in model.model_fields else ""
+
+
+def _lowercase(reason: str) -> str:
+    reason = reason.removeprefix("Input ")
+    return reason[:1].lower() + reason[1:]
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _short(value: Any, limit: int = 60, quote: bool = True) -> str:
+    """``value`` as the client wrote it (JSON), cut to ``limit`` characters."""
+    if isinstance(value, str) and not quote:
+        text = value
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):  # not JSON at all (a direct Python caller)
+            text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
