@@ -33,7 +33,7 @@ DEFAULT_GUIDANCE = 7.5
 MAX_SEED = 2**32 - 1
 
 # Names a request may use for `scheduler`; "default" is the one the model folder ships.
-SCHEDULERS = ("default", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "ddim", "pndm", "lms")
+SCHEDULERS = ("default", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "ddim", "pndm")
 FORMATS = ("png", "jpeg", "webp")
 
 
@@ -109,14 +109,15 @@ def request_model(limits: Limits = Limits()) -> type[RequestFields]:
             description=f"Image width in pixels: {side}. Default: the model's native size.",
         )
         guidance_scale: Number = Field(
-            default=DEFAULT_GUIDANCE,
+            # A default over an operator's lower limit would bypass that limit.
+            default=min(DEFAULT_GUIDANCE, limits.max_guidance),
             ge=0,
             le=limits.max_guidance,
             description=f"Classifier-free guidance: a number from 0 to {limits.max_guidance:g}. "
             "Higher follows the prompt more closely; 1 or less turns guidance off.",
         )
         num_inference_steps: Integer = Field(
-            default=DEFAULT_STEPS,
+            default=min(DEFAULT_STEPS, limits.max_steps),
             ge=1,
             le=limits.max_steps,
             validation_alias=AliasChoices("num_inference_steps", "inference_steps"),
@@ -315,6 +316,54 @@ def _short(value: Any, limit: int = 60, quote: bool = True) -> str:
     else:
         try:
             text = json.dumps(value, ensure_ascii=False)
+        except RecursionError:  # nested deeper than the encoder goes: repr would fail too
+            text = f"{_json_type(value)} nested too deeply to show"
         except (TypeError, ValueError):  # not JSON at all (a direct Python caller)
             text = repr(value)
+    # JSON strings may hold lone surrogates ("\ud800"); echoed raw, they make the error
+    # response itself unencodable as UTF-8, so they are spelled as escapes.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# The response, as handler.py returns it. Declared for the local server's OpenAPI description
+# and for typed clients; the server tests check the handler's real responses against it.
+
+
+class UsedParameters(BaseModel):
+    """The settings the image was made with, every default filled in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int = Field(ge=0, le=MAX_SEED)
+    scheduler: Literal[SCHEDULERS]  # type: ignore[valid-type]
+    output_format: Literal[FORMATS]  # type: ignore[valid-type]
+
+
+class GenerationResponse(BaseModel):
+    """A generated image with the seed and settings that reproduce it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="The image, base64-encoded, in `parameters.output_format`.")
+    seed: int = Field(
+        ge=0,
+        le=MAX_SEED,
+        description="The seed used: send it with the same request to get the same image.",
+    )
+    parameters: UsedParameters
+    warnings: list[str] = Field(
+        description="What could not be done exactly as asked (a prompt cut at the text "
+        "encoder's token limit, a negative prompt without effect); empty when nothing.",
+    )
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: str = Field(description="What was wrong, naming the field, and what is allowed.")

@@ -7,6 +7,7 @@ import io
 
 import pytest
 from PIL import Image
+from servers import repo_server  # noqa: F401  (the local server, for its tests)
 
 from sd_endpoint.loader import REPO_ROOT, load_handler
 
