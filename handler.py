@@ -9,14 +9,20 @@ The parts behind it live in ``sd_endpoint/``.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from sd_endpoint.engine import Engine
-from sd_endpoint.imaging import encode, to_base64
-from sd_endpoint.schema import parse_request
-from sd_endpoint.settings import Settings
+# The hosted runtime puts this folder first on sys.path. Hugging Face's hf-endpoints-emulator
+# adds it as a Path object, which imports skip, so `sd_endpoint` would not be found there.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sd_endpoint.engine import Engine  # noqa: E402
+from sd_endpoint.imaging import encode, to_base64  # noqa: E402
+from sd_endpoint.schema import parse_request  # noqa: E402
+from sd_endpoint.settings import Settings  # noqa: E402
 
 log = logging.getLogger("sd_endpoint.handler")
 
@@ -48,8 +54,14 @@ class EndpointHandler:
         }
         log.info(
             "generated %dx%d steps=%d guidance=%g scheduler=%s seed=%d %s=%d bytes | %s%s",
-            request.width, request.height, request.num_inference_steps, request.guidance_scale,
-            request.scheduler, result.seed, request.output_format, len(image),
+            request.width,
+            request.height,
+            request.num_inference_steps,
+            request.guidance_scale,
+            request.scheduler,
+            result.seed,
+            request.output_format,
+            len(image),
             " ".join(f"{stage}={seconds * 1000:.1f}ms" for stage, seconds in timings.items()),
             f" | prompt={request.prompt!r}" if self.settings.log_prompts else "",
         )

@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh .venv
 scripts/setup_env.sh .venv-base constraints/base-image.txt
+# Hugging Face's hf-endpoints-emulator needs starlette<0.38, which the local server's FastAPI
+# cannot share: its own environment, for tests/test_emulator.py.
+scripts/setup_env.sh .venv-emulator "" requirements-emulator.txt
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

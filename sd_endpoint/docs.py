@@ -10,13 +10,13 @@ import re
 import sys
 from pathlib import Path
 
-from .schema import ALIASES, request_model
+from .schema import ALIASES, DEFAULT_LIMITS, request_model
 from .settings import Limits, documented_variables
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def parameter_table(limits: Limits = Limits()) -> str:
+def parameter_table(limits: Limits = DEFAULT_LIMITS) -> str:
     model = request_model(limits)
     rows = ["| field | type | default | allowed, and what it does |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
@@ -54,9 +54,7 @@ BLOCKS = {"parameters": parameter_table, "environment": environment_table}
 
 def render(text: str) -> str:
     for name, make in BLOCKS.items():
-        pattern = re.compile(
-            rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", flags=re.DOTALL
-        )
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", flags=re.DOTALL)
         if not pattern.search(text):
             raise ValueError(f"README.md lacks the <!-- {name}:begin/end --> markers")
         text = pattern.sub(lambda m, make=make: m.group(1) + make() + "\n" + m.group(2), text)

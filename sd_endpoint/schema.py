@@ -60,10 +60,18 @@ def _has_text(value: str) -> str:
     return value
 
 
-Integer = Annotated[int, BeforeValidator(_integer), Field(strict=True)]
-Number = Annotated[float, BeforeValidator(_number), Field(strict=True)]
-Text = Annotated[str, Field(strict=True)]
-Prompt = Annotated[Text, AfterValidator(_has_text)]
+# The constraints go inside the before-validators, so that JSON schemas carry them as the
+# standard `minimum`/`maximum`/`multipleOf` keywords.
+def Integer(**constraints: Any) -> Any:  # noqa: N802 (used as a type)
+    return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_integer)]
+
+
+def Number(**constraints: Any) -> Any:  # noqa: N802
+    return Annotated[float, Field(strict=True, **constraints), BeforeValidator(_number)]
+
+
+def Text(**constraints: Any) -> Any:  # noqa: N802
+    return Annotated[str, Field(strict=True, **constraints)]
 
 
 class RequestFields(BaseModel):
@@ -72,68 +80,62 @@ class RequestFields(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DEFAULT_LIMITS = Limits()
+
+
 @lru_cache(maxsize=8)
-def request_model(limits: Limits = Limits()) -> type[RequestFields]:
+def request_model(limits: Limits = DEFAULT_LIMITS) -> type[RequestFields]:
     """The request model for ``limits`` (the ranges in its fields and help text come from it)."""
     side = (
         f"an integer multiple of 8 from {limits.min_side} to {limits.max_side}, "
         f"with height × width at most {limits.max_pixels:,}"
     )
 
+    side_type = Integer(ge=limits.min_side, le=limits.max_side, multiple_of=8)
+
     class GenerationParameters(RequestFields):
-        inputs: Prompt = Field(
-            min_length=1,
-            max_length=limits.max_prompt_chars,
-            description=f"The prompt: non-empty text, at most {limits.max_prompt_chars} characters. "
-            "The text encoder reads its first 77 tokens; the response warns when it cut more.",
+        inputs: Annotated[
+            Text(min_length=1, max_length=limits.max_prompt_chars), AfterValidator(_has_text)
+        ] = Field(
+            description="The prompt: non-empty text, at most "
+            f"{limits.max_prompt_chars} characters. The text encoder reads its first 77 "
+            "tokens; the response warns when it cut more.",
             examples=["a red circle on a white background"],
         )
-        negative_prompt: Text | None = Field(
+        negative_prompt: Text(max_length=limits.max_prompt_chars) | None = Field(
             default=None,
-            max_length=limits.max_prompt_chars,
             description="What the image should not show: text, at most "
             f"{limits.max_prompt_chars} characters. Has an effect only with guidance_scale > 1.",
         )
-        height: Integer | None = Field(
+        height: side_type | None = Field(
             default=None,
-            ge=limits.min_side,
-            le=limits.max_side,
-            multiple_of=8,
             description=f"Image height in pixels: {side}. Default: the model's native size.",
         )
-        width: Integer | None = Field(
+        width: side_type | None = Field(
             default=None,
-            ge=limits.min_side,
-            le=limits.max_side,
-            multiple_of=8,
             description=f"Image width in pixels: {side}. Default: the model's native size.",
         )
-        guidance_scale: Number = Field(
+        guidance_scale: Number(ge=0, le=limits.max_guidance) = Field(
             # A default over an operator's lower limit would bypass that limit.
             default=min(DEFAULT_GUIDANCE, limits.max_guidance),
-            ge=0,
-            le=limits.max_guidance,
             description=f"Classifier-free guidance: a number from 0 to {limits.max_guidance:g}. "
             "Higher follows the prompt more closely; 1 or less turns guidance off.",
         )
-        num_inference_steps: Integer = Field(
+        num_inference_steps: Integer(ge=1, le=limits.max_steps) = Field(
             default=min(DEFAULT_STEPS, limits.max_steps),
-            ge=1,
-            le=limits.max_steps,
             validation_alias=AliasChoices("num_inference_steps", "inference_steps"),
             description=f"Denoising steps: an integer from 1 to {limits.max_steps}. "
             "`inference_steps` is the same field under its older name.",
         )
-        seed: Integer | None = Field(
+        seed: Integer(ge=0, le=MAX_SEED) | None = Field(
             default=None,
-            ge=0,
-            le=MAX_SEED,
             description=f"Random seed: an integer from 0 to {MAX_SEED}. The same request with "
             "the same seed gives the same image; without one a seed is drawn and returned.",
         )
         scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
             default="default",
-            description="Sampler: one of " + ", ".join(SCHEDULERS)
+            description="Sampler: one of "
+            + ", ".join(SCHEDULERS)
             + ". `default` is the model folder's own scheduler.",
         )
         output_format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
@@ -143,7 +145,7 @@ def request_model(limits: Limits = Limits()) -> type[RequestFields]:
         )
 
         @model_validator(mode="after")
-        def _within_budget(self) -> "GenerationParameters":
+        def _within_budget(self) -> GenerationParameters:
             height, width = self.height, self.width
             if height is not None and width is not None and height * width > limits.max_pixels:
                 raise ValueError(
@@ -241,7 +243,8 @@ def _flatten(data: Any, model: type[RequestFields]) -> dict[str, Any]:
     if parameters is not None:
         if not isinstance(parameters, dict):
             raise ValueError(
-                f"`parameters` must be a JSON object of generation settings, not {_json_type(parameters)}"
+                "`parameters` must be a JSON object of generation settings, "
+                f"not {_json_type(parameters)}"
             )
         twice = sorted(set(parameters) & set(fields))
         if twice:
@@ -260,7 +263,8 @@ def _flatten(data: Any, model: type[RequestFields]) -> dict[str, Any]:
     unknown = [k for k in fields if k not in accepted_fields(model)]
     if unknown:
         problems = [
-            "unknown field" + ("s " if len(unknown) > 1 else " ")
+            "unknown field"
+            + ("s " if len(unknown) > 1 else " ")
             + ", ".join(f"`{_short(k, quote=False)}`" for k in unknown)
         ]
         if "inputs" not in fields:
@@ -278,7 +282,8 @@ def _explain(exc: ValidationError, model: type[RequestFields], sent: dict[str, A
     messages = []
     for error in exc.errors(include_url=False):
         name = str(error["loc"][0]) if error["loc"] else ""
-        name = next((alias for alias, target in ALIASES.items() if target == name and alias in sent), name)
+        # Name the field as the client spelled it.
+        name = next((a for a, target in ALIASES.items() if target == name and a in sent), name)
         if error["type"] == "missing":
             messages.append(f"`{name}` is required: {_help(model, name)}")
             continue
@@ -304,8 +309,15 @@ def _lowercase(reason: str) -> str:
 
 
 def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
