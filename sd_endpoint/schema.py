@@ -35,6 +35,7 @@ MAX_SEED = 2**32 - 1
 # Names a request may use for `scheduler`; "default" is the one the model folder ships.
 SCHEDULERS = ("default", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "ddim", "pndm")
 FORMATS = ("png", "jpeg", "webp")
+MAX_NAMES_SHOWN = 10
 
 
 def _integer(value: Any) -> Any:
@@ -260,19 +261,19 @@ def _flatten(data: Any, model: type[RequestFields]) -> dict[str, Any]:
         raise ValueError(
             "`inference_steps` and `num_inference_steps` are the same field; give only one"
         )
-    unknown = [k for k in fields if k not in accepted_fields(model)]
+    accepted = accepted_fields(model)
+    unknown = [k for k in fields if k not in accepted]
     if unknown:
-        problems = [
-            "unknown field"
-            + ("s " if len(unknown) > 1 else " ")
-            + ", ".join(f"`{_short(k, quote=False)}`" for k in unknown)
-        ]
+        shown = ", ".join(f"`{_short(k, quote=False)}`" for k in unknown[:MAX_NAMES_SHOWN])
+        if len(unknown) > MAX_NAMES_SHOWN:  # the message stays short whatever the body holds
+            shown += f" and {len(unknown) - MAX_NAMES_SHOWN:,} more"
+        problems = ["unknown field" + ("s " if len(unknown) > 1 else " ") + shown]
         if "inputs" not in fields:
             problems.append("`inputs` (the prompt text) is missing")
         raise ValueError(
             "; ".join(problems)
             + ". Accepted fields: "
-            + ", ".join(accepted_fields(model))
+            + ", ".join(accepted)
             + ", and `parameters` holding any of them but inputs"
         )
     return fields

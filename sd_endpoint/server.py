@@ -516,14 +516,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=positive,
-        default=1,
-        help="handler calls run at once; others wait (default: 1, as hosted)",
+        default=positive(os.environ.get("SD_CONCURRENCY", "1")),
+        help="handler calls run at once; others wait (default: $SD_CONCURRENCY, else 1, as hosted)",
     )
     parser.add_argument(
         "--max-body-bytes",
         type=positive,
-        default=DEFAULT_MAX_BODY_BYTES,
-        help=f"largest request body (default: {DEFAULT_MAX_BODY_BYTES:,})",
+        default=positive(os.environ.get("SD_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES))),
+        help=f"largest request body (default: $SD_MAX_BODY_BYTES, else {DEFAULT_MAX_BODY_BYTES:,})",
     )
     return parser.parse_args(argv)
 

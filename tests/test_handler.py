@@ -48,8 +48,13 @@ def test_defaults_give_a_png_of_the_native_size(handler):
 
 
 def test_flat_and_standard_forms_give_identical_bytes(handler):
-    values = {"negative_prompt": "blue", "height": 64, "width": 96, "guidance_scale": 5.0,
-              "seed": 7}
+    values = {
+        "negative_prompt": "blue",
+        "height": 64,
+        "width": 96,
+        "guidance_scale": 5.0,
+        "seed": 7,
+    }
     flat = handler({"inputs": "a green square", **values, "inference_steps": 5})
     standard = handler(
         {"inputs": "a green square", "parameters": {**values, "num_inference_steps": 5}}
@@ -141,16 +146,20 @@ BAD_REQUESTS = [
     ({"inputs": "x", "height": 8}, ["`height`", "greater than or equal to 64"]),
     ({"inputs": "x", "height": 4096}, ["`height`", "less than or equal to 1024"]),
     ({"inputs": "x", "height": 10**30}, ["`height`"]),
-    ({"inputs": "x", "height": 1024, "width": 1024, "inference_steps": 100},
-     ["height × width × steps", "limit"]),
+    (
+        {"inputs": "x", "height": 1024, "width": 1024, "inference_steps": 100},
+        ["height × width × steps", "limit"],
+    ),
     ({"inputs": "x", "guidance_scale": float("nan")}, ["`guidance_scale`", "finite"]),
     ({"inputs": "x", "guidance_scale": float("inf")}, ["`guidance_scale`", "finite"]),
     ({"inputs": "x", "guidance_scale": -1}, ["`guidance_scale`", "greater than or equal to 0"]),
     ({"inputs": "x", "guidance_scale": 1e6}, ["`guidance_scale`", "less than or equal to 30"]),
     ({"inputs": "x", "guidance_scale": "7.5"}, ["`guidance_scale`", "number"]),
     ({"inputs": "x", "inference_steps": 0}, ["`inference_steps`", "greater than or equal to 1"]),
-    ({"inputs": "x", "parameters": {"num_inference_steps": 1000}},
-     ["`num_inference_steps`", "less than or equal to 100"]),
+    (
+        {"inputs": "x", "parameters": {"num_inference_steps": 1000}},
+        ["`num_inference_steps`", "less than or equal to 100"],
+    ),
     ({"inputs": "x", "inference_steps": 5, "num_inference_steps": 5}, ["same field"]),
     ({"inputs": "x", "negative_prompt": 3}, ["`negative_prompt`", "string"]),
     ({"inputs": "x" * 5000}, ["`inputs`", "at most 2000"]),
@@ -163,9 +172,7 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("body", "words"), BAD_REQUESTS, ids=lambda v: repr(v)[:40])
-def test_rejects_bad_input_before_generating_with_a_clear_message(
-    handler, unet_calls, body, words
-):
+def test_rejects_bad_input_before_generating_with_a_clear_message(handler, unet_calls, body, words):
     with pytest.raises(ValueError) as caught:
         handler(body)
     for word in words:
@@ -227,9 +234,18 @@ def test_other_library_stack_gives_the_same_image(handler, repo_root):
     request = {"inputs": "a red circle on a white background", "seed": 99, "inference_steps": 10}
     here = handler(request)
     other = subprocess.run(
-        [os.environ["SD_OTHER_PYTHON"], "-c", CROSS_STACK_SCRIPT, str(repo_root),
-         json.dumps(request)],
-        capture_output=True, text=True, cwd=repo_root, timeout=600, check=True,
+        [
+            os.environ["SD_OTHER_PYTHON"],
+            "-c",
+            CROSS_STACK_SCRIPT,
+            str(repo_root),
+            json.dumps(request),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo_root,
+        timeout=600,
+        check=True,
     )
     there = json.loads(other.stdout.strip().splitlines()[-1])
     assert there["seed"] == here["seed"]
@@ -271,7 +287,10 @@ def test_runtime_style_load_from_a_fresh_process(repo_root):
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(repo_root)],
-        capture_output=True, text=True, cwd=Path("/"), timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=Path("/"),
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.strip().splitlines()[-1]) > 100

@@ -416,3 +416,13 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path):
     # uvicorn re-raises the signal once it has shut down, so the exit is by SIGTERM, but clean.
     assert code in (0, -signal.SIGTERM)
     assert "Finished server process" in server.log()
+
+
+def test_body_limit_and_concurrency_defaults_come_from_the_environment(monkeypatch):
+    from sd_endpoint.server import parse_args
+
+    monkeypatch.setenv("SD_MAX_BODY_BYTES", "2048")
+    monkeypatch.setenv("SD_CONCURRENCY", "3")
+    args = parse_args([])
+    assert (args.max_body_bytes, args.concurrency) == (2048, 3)
+    assert parse_args(["--max-body-bytes", "10"]).max_body_bytes == 10
