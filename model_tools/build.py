@@ -22,8 +22,12 @@ def main() -> None:
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="tiny")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float16",
-                        help="storage precision (float16 halves the files; loading upcasts)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float16",
+        help="storage precision (float16 halves the files; loading upcasts)",
+    )
     args = parser.parse_args()
     arch = ARCHITECTURES[args.arch](len(char_vocab()))
     save(build(arch, args.seed), arch, args.out, getattr(torch, args.dtype))

@@ -8,6 +8,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import diffusers
@@ -24,7 +25,7 @@ from diffusers import (
 from packaging.version import Version
 from PIL import Image
 
-from .schema import GenerationRequest
+from .schema import GenerationRequest, parse_request
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,23 @@ logging.getLogger(StableDiffusionPipeline.__module__).setLevel(logging.ERROR)
 
 # Request-selectable samplers, built from the model's own scheduler config (betas, offsets).
 SCHEDULERS = {
-    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                              "use_karras_sigmas": False}),
-    "dpm++2m-karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++",
-                                                     "solver_order": 2, "use_karras_sigmas": True}),
+    "dpm++2m": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "dpm++2m-karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "ddim": (DDIMScheduler, {}),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
 }
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# Steps of each warm-up generation: a multistep sampler's first and later steps, and enough
+# UNet calls for torch.compile (and CUDA graphs, which record on a later call) to settle.
+WARMUP_STEPS = 3
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 
 
@@ -119,6 +127,9 @@ class Engine:
         check_weights(path)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.settings = settings
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
         # Progress bars are for notebooks; in a server they only fill the logs.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
@@ -134,9 +145,13 @@ class Engine:
         )
         loaded = time.perf_counter()
         pipe.to(self.device)
+        if settings.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
-        self.scheduler_config = pipe.scheduler.config
+        # Requests swap in their own scheduler; keep the folder's own to build "default" from.
+        self.default_scheduler = (type(pipe.scheduler), pipe.scheduler.config)
         self.native_size = (
             pipe.unet.config.sample_size * pipe.vae_scale_factor,
             pipe.unet.config.sample_size * pipe.vae_scale_factor,
@@ -146,43 +161,92 @@ class Engine:
         # nothing from interleaving two generations. Each call also gets a fresh scheduler, so
         # no state crosses from one request to the next.
         self._lock = threading.Lock()
+        moved = time.perf_counter()
         log.info(
             "model loaded from %s on %s (%s) in %.2f s, moved in %.2f s",
-            path, self.device, str(self.dtype).removeprefix("torch."),
-            loaded - started, time.perf_counter() - loaded,
+            path,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            loaded - started,
+            moved - loaded,
         )
+        self._eager_unet = pipe.unet
+        # Compiled code is used only at the warm-up sizes, where it was compiled before the
+        # endpoint took requests: any other size runs eagerly instead of stalling on a compile.
+        self._compiled_sizes: set[tuple[int, int]] = set()
+        if settings.compile != "off":
+            self._compiled_unet = torch.compile(pipe.unet, mode=settings.compile, dynamic=False)
+            self._compiled_pixels = torch.compile(
+                latents_to_pixels, mode=settings.compile, dynamic=False
+            )
+        self._warm_up(settings)
+        self.startup_timings = {
+            "loading": loaded - started,
+            "moving": moved - loaded,
+            "warmup": time.perf_counter() - moved,
+        }
+
+    def _warm_up(self, settings: Settings) -> None:
+        for size in settings.warmup_sizes():
+            width, height = (self.native_size[1], self.native_size[0]) if size == "native" else size
+            started = time.perf_counter()
+            steps = min(WARMUP_STEPS, settings.limits.max_steps)
+            body = {
+                "inputs": "warm-up",
+                "width": width,
+                "height": height,
+                "seed": 0,
+                "num_inference_steps": steps,
+            }
+            try:
+                request = parse_request(body, settings.limits, self.native_size)
+            except ValueError as exc:
+                raise ValueError(f"SD_WARMUP size {width}x{height}: {exc}") from None
+            if settings.compile != "off":
+                self._compiled_sizes.add((height, width))
+            self.generate(request)
+            log.info("warmed up at %dx%d in %.2f s", width, height, time.perf_counter() - started)
 
     def new_scheduler(self, name: str):
+        cls, config = self.default_scheduler
         if name == "default":
-            return type(self.pipe.scheduler).from_config(self.scheduler_config)
+            return cls.from_config(config)
         cls, overrides = SCHEDULERS[name]
-        return cls.from_config(self.scheduler_config, **overrides)
+        return cls.from_config(config, **overrides)
 
     def generate(self, request: GenerationRequest) -> Generated:
         seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         try:
             with self._lock, torch.inference_mode():
                 return self._generate(request, seed)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise self._out_of_memory(request) from exc
-        except RuntimeError as exc:
-            if "out of memory" not in str(exc).lower():
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not _is_out_of_memory(exc):
                 raise
-            raise self._out_of_memory(request) from exc
+            log.warning("out of memory: %s", str(exc).splitlines()[0][:300])
+        # Out here the failed call's frames, and the tensors they held, are gone (an error
+        # chained to the one raised below would keep them), so the cache can be emptied.
+        raise self._out_of_memory(request)
 
     def _generate(self, request: GenerationRequest, seed: int) -> Generated:
-        pipe, timings = self.pipe, {}
+        pipe = self.pipe
         pipe.scheduler = self.new_scheduler(request.scheduler)
         guided = request.guidance_scale > 1
         warnings = self._warnings(request, guided)
         # Noise is drawn on the CPU so a seed gives the same image on every device.
         generator = torch.Generator("cpu").manual_seed(seed)
 
+        compiled = (request.height, request.width) in self._compiled_sizes
+        unet = self._compiled_unet if compiled else self._eager_unet
+        if pipe.unet is not unet:
+            pipe.unet = unet
+        to_pixels = self._compiled_pixels if compiled else latents_to_pixels
+        tiled = request.height * request.width > self.settings.vae_tile_above_pixels
+
         clock = _Clock(self.device)
         prompt_embeds, negative_embeds = pipe.encode_prompt(
             request.prompt, self.device, 1, guided, request.negative_prompt
         )
-        timings["text_encoding"] = clock.lap()
+        clock.lap("text_encoding")
         latents = pipe(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
@@ -193,20 +257,19 @@ class Engine:
             generator=generator,
             output_type="latent",
         ).images
-        timings["denoising"] = clock.lap()
-        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        # The same arithmetic as diffusers' VaeImageProcessor, done on the device so that
-        # only uint8 pixels cross to the host.
-        pixels = ((decoded / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
-        pixels = pixels[0].permute(1, 2, 0).cpu().numpy()
-        timings["decoding"] = clock.lap()
-        return Generated(Image.fromarray(pixels), seed, warnings, timings)
+        clock.lap("denoising")
+        pixels = to_pixels(pipe.vae, latents, tiled).cpu().numpy()
+        clock.lap("decoding")
+        return Generated(Image.fromarray(pixels), seed, warnings, clock.timings())
 
     def _warnings(self, request: GenerationRequest, guided: bool) -> list[str]:
         warnings = []
         tokenizer = self.pipe.tokenizer
         limit = tokenizer.model_max_length
-        for name, text in (("inputs", request.prompt), ("negative_prompt", request.negative_prompt)):
+        for name, text in (
+            ("inputs", request.prompt),
+            ("negative_prompt", request.negative_prompt),
+        ):
             # Cut at one token past the limit: enough to tell, and no over-length warning.
             ids = None if text is None else tokenizer(text, truncation=True, max_length=limit + 1)
             if ids is not None and len(ids.input_ids) > limit:
@@ -229,15 +292,49 @@ class Engine:
         )
 
 
+def _is_out_of_memory(exc: RuntimeError) -> bool:
+    # CUDA and MPS say "out of memory"; the CPU allocator says "not enough memory".
+    text = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or any(
+        words in text for words in ("out of memory", "not enough memory")
+    )
+
+
+def latents_to_pixels(vae, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """The image as height × width × 3 uint8, still on the device."""
+    decode = vae.tiled_decode if tiled else vae.decode
+    decoded = decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    # The same arithmetic as diffusers' VaeImageProcessor, done on the device so that only
+    # uint8 pixels cross to the host.
+    pixels = ((decoded / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+    return pixels[0].permute(1, 2, 0)
+
+
 class _Clock:
-    """Stage timer; waits for queued GPU work so each stage is charged its own time."""
+    """Stage timer. On CUDA it records events rather than waiting for the GPU at each stage,
+    so timing adds no host-device synchronisation: the times are read once the image is on
+    the host, which waited for the GPU anyway."""
 
     def __init__(self, device: torch.device):
-        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self._last = time.perf_counter()
+        self._device = device
+        self._cuda = device.type == "cuda"
+        self._marks = [("start", self._now())]
 
-    def lap(self) -> float:
-        self._sync()
-        now = time.perf_counter()
-        elapsed, self._last = now - self._last, now
-        return elapsed
+    def _now(self):
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self._device))
+        return event
+
+    def lap(self, stage: str) -> None:
+        self._marks.append((stage, self._now()))
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per stage, in the order they ran."""
+        if self._cuda:
+            self._marks[-1][1].synchronize()
+        return {
+            stage: (begin.elapsed_time(end) / 1000 if self._cuda else end - begin)
+            for (_, begin), (stage, end) in pairwise(self._marks)
+        }

@@ -7,8 +7,8 @@ stops start-up with a message naming the variable, rather than surfacing on some
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,10 @@ class Limits:
                 raise ValueError(f"{env_name(f.name)} must be positive")
 
 
+# torch.compile's modes; "off" runs eagerly.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class Settings:
     """How the endpoint loads and runs the model."""
@@ -48,19 +52,87 @@ class Settings:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "`auto` (float16 on CUDA, float32 elsewhere), `float16`, `bfloat16`, `float32`."},
+        metadata={
+            "help": "`auto` (float16 on CUDA, float32 elsewhere), `float16`, `bfloat16` "
+            "or `float32`."
+        },
     )
     png_compress_level: int = field(
         default=1,
-        metadata={"help": "zlib level for PNG output, 0-9. 1 is several times faster than 6 for ~15% more bytes."},
+        metadata={
+            "help": "zlib level for PNG output, 0-9. 1 is several times faster than 6 for "
+            "~15% more bytes."
+        },
     )
     log_prompts: bool = field(
         default=False, metadata={"help": "Log prompt texts (debugging only; off by default)."}
     )
+    # Speed switches. Each one was measured by scripts/benchmark.py; see the README.
+    warmup: str = field(
+        default="native",
+        metadata={
+            "help": "Sizes to generate once (2 steps) before the endpoint reports ready, so the "
+            "first request pays no one-off costs: comma-separated WIDTHxHEIGHT such as "
+            "`512x512,768x512`, `native` for the model's own size, or empty for none."
+        },
+    )
+    compile: str = field(
+        default="off",
+        metadata={
+            "help": "`off`, or a torch.compile mode (" + ", ".join(COMPILE_MODES[1:]) + ") "
+            "for the UNet and the VAE decoder at the SD_WARMUP sizes, compiled during warm-up; "
+            "other sizes run uncompiled, so they never wait for a compile."
+        },
+    )
+    channels_last: bool = field(
+        default=True,
+        metadata={"help": "Run the UNet and VAE in channels-last memory layout."},
+    )
+    num_threads: int = field(
+        default=0,
+        metadata={"help": "PyTorch CPU threads; 0 keeps PyTorch's default (one per core)."},
+    )
+    vae_tile_above_pixels: int = field(
+        default=1024 * 1024,
+        metadata={
+            "help": "Decode images of more than this many pixels (height × width) in overlapping "
+            "tiles: bounded VAE memory, slightly different pixels near tile seams. The default "
+            "tiles nothing within the default size limits."
+        },
+    )
     limits: Limits = field(default_factory=Limits)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.png_compress_level <= 9:
+            raise ValueError("SD_PNG_COMPRESS_LEVEL must be from 0 to 9")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(
+                f"SD_COMPILE={self.compile!r} is not one of {', '.join(COMPILE_MODES)}"
+            )
+        sizes = self.warmup_sizes()  # a malformed SD_WARMUP fails here, whatever SD_COMPILE is
+        if self.compile != "off" and not sizes:
+            raise ValueError("SD_COMPILE compiles for the SD_WARMUP sizes; set SD_WARMUP too")
+        for name in ("num_threads", "vae_tile_above_pixels"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{env_name(name)} must be 0 or more")
+
+    def warmup_sizes(self) -> list[tuple[int, int] | str]:
+        """SD_WARMUP as (width, height) pairs, with "native" left for the engine to resolve."""
+        sizes = []
+        for item in self.warmup.replace(" ", "").lower().split(","):
+            if item == "native":
+                sizes.append(item)
+            elif item:
+                width, _, height = item.partition("x")
+                if not (width.isdigit() and height.isdigit()):
+                    raise ValueError(
+                        f"SD_WARMUP item {item!r} is not WIDTHxHEIGHT (such as 512x512) or native"
+                    )
+                sizes.append((int(width), int(height)))
+        return sizes
+
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
         limits = Limits(**_read(Limits, environ))
         return cls(**_read(cls, environ), limits=limits)
