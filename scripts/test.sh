@@ -10,6 +10,10 @@ scripts/setup_env.sh .venv-base constraints/base-image.txt
 # cannot share: its own environment, for tests/test_emulator.py.
 scripts/setup_env.sh .venv-emulator "" requirements-emulator.txt
 
+# Tests make small images, where one thread per process is fastest, and the suite runs
+# servers beside the test process: more threads than cores would only fight each other.
+export SD_NUM_THREADS=${SD_NUM_THREADS:-1}
+
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 

@@ -71,7 +71,7 @@ class Settings:
     warmup: str = field(
         default="native",
         metadata={
-            "help": "Sizes to generate once (2 steps) before the endpoint reports ready, so the "
+            "help": "Sizes to generate once (3 steps) before the endpoint reports ready, so the "
             "first request pays no one-off costs: comma-separated WIDTHxHEIGHT such as "
             "`512x512,768x512`, `native` for the model's own size, or empty for none."
         },

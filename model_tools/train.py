@@ -1,0 +1,277 @@
+"""Train the shipped model on the synthetic world of ``model_tools.synthetic``.
+
+    python -m model_tools.train                  # writes the model into the repo root
+    python -m model_tools.train --out /tmp/m     # anywhere else
+
+Two stages, both on freshly rendered pictures: the VAE learns to reconstruct them, then the
+text encoder and the UNet learn to denoise their latents given the caption (epsilon
+prediction on Stable Diffusion's own scaled-linear noise schedule, so the shipped
+DPM-Solver++ sampler fits). A share of captions is dropped to "" so that classifier-free
+guidance works, and a share names only some attributes ("a red shape", "a circle on a black
+background") so that a negative prompt of one word means something. The same seed gives the
+same weights on the same torch and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from transformers import CLIPTokenizer
+
+from . import synthetic
+from .architecture import SD_SCHEDULER, build, char_vocab, save, tiny, write_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 pictures as the VAE's input: NCHW floats in [-1, 1]."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return batch / 127.5 - 1
+
+
+def scene_batch(rng: np.random.Generator, size: int) -> list[synthetic.Scene]:
+    return [synthetic.random_scene(rng) for _ in range(size)]
+
+
+def random_crop(image: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray:
+    # The VAE is all convolutions, so crops teach it the same thing at a fraction of the cost.
+    y, x = rng.integers(image.shape[0] - side + 1), rng.integers(image.shape[1] - side + 1)
+    return image[y : y + side, x : x + side]
+
+
+def train_caption(scene: synthetic.Scene, rng: np.random.Generator, drop: float) -> str:
+    """The caption the text side sees for ``scene`` in training."""
+    draw = rng.random()
+    if draw < drop:
+        return ""
+    if draw < drop + 0.05:
+        return scene.colour  # a bare colour word, as users write negative prompts
+    if draw < 0.7:
+        return scene.caption
+    keep = [False] * 3
+    while not any(keep):
+        keep = list(rng.random(3) < 0.5)
+    return synthetic.caption(
+        scene.colour if keep[0] else None,
+        scene.shape if keep[1] else None,
+        scene.background if keep[2] else None,
+    )
+
+
+def train_vae(vae, args, rng: np.random.Generator) -> None:
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    schedule = cosine(optimizer, args.vae_steps, warmup=50)
+    started, running = time.perf_counter(), 0.0
+    for step in range(1, args.vae_steps + 1):
+        pixels = images_to_tensor(
+            [
+                random_crop(synthetic.render(s), args.vae_crop, rng)
+                for s in scene_batch(rng, args.vae_batch)
+            ]
+        )
+        posterior = vae.encode(pixels).latent_dist
+        # The mean is decoded: the diffusion model is trained on means and sampling noise
+        # only slowed the VAE down here (a near-zero KL weight leaves it unused anyway).
+        reconstruction = vae.decode(posterior.mode()).sample
+        # Flat colours: an L1 term keeps edges sharp where MSE alone would blur them.
+        loss = (
+            F.mse_loss(reconstruction, pixels)
+            + 0.5 * F.l1_loss(reconstruction, pixels)
+            + args.kl_weight * posterior.kl().mean()
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        running += loss.item()
+        if step % args.log_every == 0 or step == args.vae_steps:
+            report("vae", step, args.vae_steps, running / args.log_every, started)
+            running = 0.0
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reconstruction_accuracy(vae, rng: np.random.Generator, count: int = 64) -> float:
+    """Share of pictures whose VAE round trip still measures as their scene."""
+    scenes = scene_batch(rng, count)
+    pixels = images_to_tensor([synthetic.render(s) for s in scenes])
+    decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+    images = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    right = 0
+    for scene, image in zip(scenes, images, strict=True):
+        m = synthetic.measure(image)
+        right += (m.background, m.colour, m.shape) == (scene.background, scene.colour, scene.shape)
+    return right / count
+
+
+@torch.no_grad()
+def encode_pool(vae, size: int, rng: np.random.Generator):
+    """Render and encode ``size`` scenes once: encoding costs more than a UNet step, and
+    drawing from this pool for every step loses nothing in a world this small."""
+    scenes, latents = [], []
+    for start in range(0, size, 64):
+        batch = scene_batch(rng, min(64, size - start))
+        pixels = images_to_tensor([synthetic.render(s) for s in batch])
+        scenes += batch
+        latents.append(vae.encode(pixels).latent_dist.mode())
+    return scenes, torch.cat(latents)
+
+
+def latent_scale(latents: torch.Tensor) -> float:
+    """1 / std of the latents, to 4 significant digits: the VAE's ``scaling_factor``."""
+    return float(f"{1 / latents.std().item():.4g}")
+
+
+def train_denoiser(unet, text_encoder, tokenizer, pool, scale, args, rng, generator) -> dict:
+    """Train UNet and text encoder together; returns their exponential moving averages."""
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=SD_SCHEDULER["num_train_timesteps"],
+        beta_start=SD_SCHEDULER["beta_start"],
+        beta_end=SD_SCHEDULER["beta_end"],
+        beta_schedule=SD_SCHEDULER["beta_schedule"],
+        prediction_type="epsilon",
+    )
+    scenes, latents = pool
+    # Min-SNR-5 weighting (Hang et al., 2023): the nearly clean timesteps, which only polish
+    # edges, stop crowding out the noisy ones where the prompt decides colour and shape.
+    snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
+    weights = snr.clamp(max=5.0) / snr
+    latents = latents * scale
+    modules = torch.nn.ModuleDict({"unet": unet.train(), "text_encoder": text_encoder.train()})
+    average = copy.deepcopy(modules).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=1e-2)
+    schedule = cosine(optimizer, args.unet_steps, warmup=200)
+    token_cache: dict[str, torch.Tensor] = {}
+
+    def token_ids(texts: list[str]) -> torch.Tensor:
+        # The pipeline pads every prompt to 77 tokens; training sees the same layout.
+        for text in set(texts) - token_cache.keys():
+            token_cache[text] = tokenizer(
+                text,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids[0]
+        return torch.stack([token_cache[t] for t in texts])
+
+    started, running = time.perf_counter(), 0.0
+    for step in range(1, args.unet_steps + 1):
+        picked = rng.integers(len(scenes), size=args.batch)
+        captions = [train_caption(scenes[i], rng, args.caption_dropout) for i in picked]
+        clean = latents[torch.from_numpy(picked)]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator
+        )
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        text = text_encoder(token_ids(captions))[0]
+        prediction = unet(noisy, timesteps, text).sample
+        error = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (error * weights[timesteps]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        # Averaging starts slow so the early, random weights wash out of the average.
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for kept, live in zip(average.parameters(), modules.parameters(), strict=True):
+                kept.lerp_(live, 1 - decay)
+        running += loss.item()
+        if step % args.log_every == 0 or step == args.unet_steps:
+            report("unet", step, args.unet_steps, running / args.log_every, started)
+            running = 0.0
+    return {"unet": average["unet"], "text_encoder": average["text_encoder"]}
+
+
+def cosine(optimizer, steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def report(stage: str, step: int, steps: int, loss: float, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    print(f"{stage} step {step}/{steps} loss {loss:.4f} {elapsed:.0f}s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO_ROOT, help="model folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-crop", type=int, default=32, help="side of the VAE's crops")
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--unet-steps", type=int, default=3500)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--pool", type=int, default=16384, help="scenes encoded for the UNet")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--log-every", type=int, default=100)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    # Separate streams, so changing one stage's length leaves the other stage's data alone.
+    vae_rng, pool_rng, unet_rng = (np.random.default_rng([args.seed, i]) for i in range(3))
+    generator = torch.Generator().manual_seed(args.seed)
+
+    arch = tiny(len(char_vocab()))
+    modules = build(arch, args.seed)
+    write_tokenizer(args.out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(args.out / "tokenizer")
+
+    started = time.perf_counter()
+    train_vae(modules["vae"], args, vae_rng)
+    vae_done = time.perf_counter()
+    accuracy = reconstruction_accuracy(modules["vae"], np.random.default_rng([args.seed, 9]))
+    print(f"VAE round trips measured right: {accuracy:.0%}", flush=True)
+    pool = encode_pool(modules["vae"], args.pool, pool_rng)
+    scale = latent_scale(pool[1])
+    modules["vae"].register_to_config(scaling_factor=scale)
+    print(f"encoded {args.pool} scenes; latent scaling factor {scale}", flush=True)
+    modules.update(
+        train_denoiser(
+            modules["unet"],
+            modules["text_encoder"],
+            tokenizer,
+            pool,
+            scale,
+            args,
+            unet_rng,
+            generator,
+        )
+    )
+    done = time.perf_counter()
+    save({k: m.eval() for k, m in modules.items()}, arch, args.out, torch.float16)
+    print(
+        f"trained in {(done - started) / 60:.1f} min (VAE {(vae_done - started) / 60:.1f}, "
+        f"UNet + text encoder {(done - vae_done) / 60:.1f}) on {args.threads} threads; "
+        f"wrote {args.out}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
