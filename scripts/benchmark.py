@@ -579,6 +579,7 @@ def section_sd15(args, results: dict) -> None:
         "steps": steps,
         "compile": compile_mode,
         "speedup": speedup,
+        "startup": handler.engine.startup_timings,
         "rows": {r[0]: r[1:] for r in rows},
     }
 
@@ -709,8 +710,11 @@ def section_switches(args, results: dict) -> None:
         compiled = make_handler(
             args.model, device=str(device), compile=args.compile, warmup=f"{args.size}x{args.size}"
         )
+        ready = time.perf_counter() - started
+        warmup = compiled.engine.startup_timings["warmup"]
         print(
-            f"  SD_COMPILE={args.compile}: ready in {time.perf_counter() - started:.1f} s",
+            f"  SD_COMPILE={args.compile}: ready in {ready:.1f} s, of which warm-up with "
+            f"compiling {warmup:.1f} s",
             flush=True,
         )
         compare(
@@ -718,6 +722,7 @@ def section_switches(args, results: dict) -> None:
             lambda: timed(lambda: compiled(request), device),
             lambda: timed(lambda: with_cl(request), device),
         )
+        measured[f"compile {args.compile}"].update(ready=ready, warmup=warmup)
     table(rows, ["switch", "on", "off", "on / off"])
     results["switches"] = measured
 
