@@ -82,12 +82,17 @@ def tiny(vocab_size: int) -> Architecture:
     """The shipped model: 64x64 native, VAE 8x down, UNet levels of 64 and 128 channels.
 
     Nothing attends across image positions: the UNet's attention layers attend to the text
-    only (``only_cross_attention``, a mid block without attention), the VAE has no mid-block
-    attention, and a pooled text embedding joins the timestep embedding (as in SDXL), so every
-    convolution knows the prompt. Self-attention trained over the 4x4 coarse grid of a 64x64
-    image spreads thin over the 32x32 grid of a 512x512 one and loses the asked colour there;
-    without it the model draws the same things at any size, and 512x512 is faster (a 25-step
-    UNet pass costs about 0.7x of the self-attending version on 2 cores).
+    only (``only_cross_attention``, a mid block without attention) and the VAE has no
+    mid-block attention. Self-attention trained over the 4x4 coarse grid of a 64x64 image
+    spreads thin over the 32x32 grid of a 512x512 one; without it the model draws at any size
+    what it draws at 64x64, and a 512x512 UNet pass costs about 0.7x of the self-attending
+    version on 2 cores.
+
+    The text reaches the UNet only through cross-attention, as in SD 1.5. An earlier version
+    also added a pooled text embedding to the timestep embedding (SDXL's ``addition_embed_type
+    = "text"``); that model followed its prompts as well without guidance as with it (97% vs
+    97% all right), so classifier-free guidance had nothing to add. Without it: 86% unguided,
+    99% at guidance 7.5 (``python -m model_tools.evaluate``).
     """
     return Architecture(
         unet=dict(
@@ -102,8 +107,6 @@ def tiny(vocab_size: int) -> Architecture:
             only_cross_attention=True,
             cross_attention_dim=64,
             attention_head_dim=8,
-            addition_embed_type="text",
-            addition_embed_type_num_heads=4,
             norm_num_groups=32,
         ),
         vae=dict(

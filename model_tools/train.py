@@ -6,10 +6,13 @@
 Two stages, both on freshly rendered pictures: the VAE learns to reconstruct them, then the
 text encoder and the UNet learn to denoise their latents given the caption (epsilon
 prediction on Stable Diffusion's own scaled-linear noise schedule, so the shipped
-DPM-Solver++ sampler fits). A share of captions is dropped to "" so that classifier-free
-guidance works, and a share names only some attributes ("a red shape", "a circle on a black
-background") so that a negative prompt of one word means something. The same seed gives the
-same weights on the same torch and thread count.
+DPM-Solver++ sampler fits).
+
+A share of captions is dropped to "" so that classifier-free guidance has an unconditional
+model to push from, and about a third name only some attributes ("a red shape", "a circle on
+a black background", "red") so that a one-word negative prompt means something.
+
+The same seed gives the same weights on the same torch and thread count.
 """
 
 from __future__ import annotations
@@ -48,12 +51,12 @@ def random_crop(image: np.ndarray, side: int, rng: np.random.Generator) -> np.nd
     return image[y : y + side, x : x + side]
 
 
-def train_caption(scene: synthetic.Scene, rng: np.random.Generator, drop: float) -> str:
+def train_caption(scene: synthetic.Scene, rng: np.random.Generator, dropout: float) -> str:
     """The caption the text side sees for ``scene`` in training."""
     draw = rng.random()
-    if draw < drop:
+    if draw < dropout:
         return ""
-    if draw < drop + 0.05:
+    if draw < dropout + 0.05:
         return scene.colour  # a bare colour word, as users write negative prompts
     if draw < 0.7:
         return scene.caption
@@ -226,8 +229,15 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=16384, help="scenes encoded for the UNet")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--caption-dropout", type=float, default=0.1, help='share of captions replaced by ""'
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; the shipped weights were trained with 1",
+    )
     parser.add_argument("--log-every", type=int, default=100)
     args = parser.parse_args()
 
@@ -267,7 +277,7 @@ def main() -> None:
     save({k: m.eval() for k, m in modules.items()}, arch, args.out, torch.float16)
     print(
         f"trained in {(done - started) / 60:.1f} min (VAE {(vae_done - started) / 60:.1f}, "
-        f"UNet + text encoder {(done - vae_done) / 60:.1f}) on {args.threads} threads; "
+        f"UNet + text encoder {(done - vae_done) / 60:.1f}) on {args.threads} thread(s); "
         f"wrote {args.out}",
         flush=True,
     )
