@@ -267,7 +267,7 @@ def main() -> None:
         default=REPO_ROOT,
         help="the model folder (its handler.py if it has one, else this repo's)",
     )
-    parser.add_argument("--native", type=int, default=72, help="prompts at the native size")
+    parser.add_argument("--native", type=int, default=72, help="prompts at the native size (>= 50)")
     parser.add_argument("--large", type=int, default=24, help="prompts at 512x512")
     parser.add_argument("--negative", type=int, default=54, help="negative-prompt cases")
     parser.add_argument("--grid", type=Path, help="write a PNG grid of native-size outputs here")
@@ -276,8 +276,8 @@ def main() -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch threads; 0 keeps torch's default. With 2 threads on 2 cores that other "
-        "work also uses, a 64x64 request took 22 s instead of 0.3 s",
+        help="torch threads; 0 keeps torch's default. On cores that other work also uses, "
+        "threads that wait on each other run many times slower than one",
     )
     args = parser.parse_args()
     if args.threads:
