@@ -246,7 +246,11 @@ def write_text_encoder(model: CLIPTextModel, folder: Path, dtype: torch.dtype) -
             "architectures": ["CLIPTextModel"],
             "model_type": "clip_text_model",
             **{k: getattr(config, k) for k in model_config_keys()},
-            "torch_dtype": str(dtype).removeprefix("torch."),
+            # The dtype to load in, not the one stored: transformers 5 loads a model in its
+            # config's dtype, and a float16 text encoder next to diffusers' float32 UNet fails
+            # a plain `from_pretrained(repo)` ("mat1 and mat2 must have the same dtype").
+            # SD repos on the Hub say float32 beside their float16 files too.
+            "torch_dtype": "float32",
         },
     )
 

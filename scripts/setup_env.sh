@@ -19,4 +19,7 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "$torch_spec"
 "$venv/bin/python" -m pip install --quiet -r "$requirements" ${constraints:+-c "$constraints"} "$torch_spec"
+if [ "$requirements" = requirements-dev.txt ]; then  # module-only test references, see the file
+  "$venv/bin/python" -m pip install --quiet --no-deps -r requirements-dev-nodeps.txt
+fi
 stamp_of > "$venv/.stamp"
