@@ -12,6 +12,8 @@ Sections:
   5  full-size SD 1.5 architecture (random weights): diffusers eager vs the handler's path
   6  peak memory per request at 512x512 and 1024x1024 (RSS on CPU, allocated on GPU)
   7  each speed switch on vs off: channels_last, CPU threads, torch.compile
+  8  full-size SD 1.5 on the CPU, 512x512, 25 steps: stock float32 pipeline vs the handler's
+     defaults vs OpenVINO, with peak RSS and the smallest intel-spr instance (bench_sd15_cpu.py)
 
 Absolute times depend on the machine and on whatever else runs on it; ratios of runs
 interleaved in the same process are what to compare. Nothing here downloads anything.
@@ -57,11 +59,12 @@ def make_handler(model_dir: Path, **overrides):
     return module.EndpointHandler(str(model_dir), settings)
 
 
-def device_and_dtype(name: str = "auto"):
+def device_and_dtype(name: str = "auto", model_dir: Path | None = None):
+    """The device and the dtype SD_DTYPE=auto gives ``model_dir`` there (as the handler's)."""
     from sd_endpoint.engine import resolve_device, resolve_dtype
 
     device = resolve_device(name)
-    return device, resolve_dtype("auto", device)
+    return device, resolve_dtype("auto", device, model_dir)
 
 
 def bare_pipeline(model_dir: Path, device, dtype):
@@ -174,7 +177,7 @@ def section_handler_vs_bare(args, results: dict) -> None:
         f"1. handler end to end vs bare StableDiffusionPipeline call "
         f"({args.size}x{args.size}, {args.steps} steps, {args.model_name})"
     )
-    device, dtype = device_and_dtype(args.device)
+    device, dtype = device_and_dtype(args.device, args.model)
     handler = make_handler(args.model, device=str(device))
     # The same handler with its speed switches off: what the handler's own code costs.
     plain = make_handler(args.model, device=str(device), channels_last=False, compile="off")
@@ -524,12 +527,11 @@ def ensure_sd15(folder: Path) -> Path:
 
 
 def section_sd15(args, results: dict) -> None:
-
-    device, dtype = device_and_dtype(args.device)
+    folder = ensure_sd15(args.sd15)
+    device, dtype = device_and_dtype(args.device, folder)
     gpu = device.type == "cuda"
     size, steps = (512, 25) if gpu else (args.sd15_size, args.sd15_steps)
     compile_mode = args.compile or ("max-autotune-no-cudagraphs" if gpu else "off")
-    folder = ensure_sd15(args.sd15)
     heading(
         f"5. SD 1.5 architecture, random weights: {size}x{size}, {steps} steps, "
         f"{str(dtype).removeprefix('torch.')} on {device_name(device)}"
@@ -730,6 +732,16 @@ def section_switches(args, results: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def section_sd15_cpu(args, results: dict) -> None:
+    import bench_sd15_cpu  # this folder is on sys.path when the script runs
+
+    size, steps = (64, 3) if args.quick else (512, args.sd15_cpu_steps)
+    contenders = "stock,handler" if args.quick else "stock,handler,openvino"
+    heading(f"8. full-size SD 1.5 on the CPU ({size}x{size}), stock vs handler vs OpenVINO")
+    folder = args.sd15 if args.quick else ensure_sd15(args.sd15)
+    results["sd15_cpu"] = bench_sd15_cpu.measure(folder, size, steps, 25, contenders.split(","))
+
+
 SECTIONS = {
     "1": section_handler_vs_bare,
     "2": section_stages,
@@ -738,6 +750,7 @@ SECTIONS = {
     "5": section_sd15,
     "6": section_memory,
     "7": section_switches,
+    "8": section_sd15_cpu,
 }
 
 
@@ -782,6 +795,9 @@ def main() -> None:
     )
     parser.add_argument("--sd15-size", type=int, default=128, help="section 5 size on CPU")
     parser.add_argument("--sd15-steps", type=int, default=3, help="section 5 steps on CPU")
+    parser.add_argument(
+        "--sd15-cpu-steps", type=int, default=4, help="steps measured per contender in 8"
+    )
     parser.add_argument(
         "--compile",
         help="SD_COMPILE mode for 5 and 7 (default: 5 uses "

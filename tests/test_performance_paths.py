@@ -173,10 +173,12 @@ def test_benchmark_quick_mode_runs_every_section(repo_root, tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for heading in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== 7."):
+    for heading in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== 7.", "== 8."):
         assert heading in result.stdout
     figures = json.loads(report.read_text())
     assert figures["handler_vs_bare"]["ratio"] > 0
+    cpu = figures["sd15_cpu"]["results"]
+    assert cpu["handler"]["speedup"] > 0 and cpu["stock"]["peak_request"] > 0
     assert set(figures["cold_start"]) == {"floor", "handler"}
     assert figures["memory"]["128x128"]["peak"] >= figures["memory"]["128x128"]["idle"]
     assert figures["encoding"]["png level 1 @256"]["bytes"] > 0

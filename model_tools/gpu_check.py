@@ -1,0 +1,317 @@
+"""The one prepared GPU check: GPU-marked tests, then full-size SD 1.5 in float16, one JSON.
+
+    scripts/gpu_check.sh [OUT_DIR]        # installs diffusers/pydantic from .gpu-wheels/ first
+
+SD 1.5's exact architecture with random weights (model_tools.build --arch sd15), 512x512,
+25 steps, the same prompt and seed for each contender, one contender after another in this
+process (each freed before the next):
+- stock: StableDiffusionPipeline in float16, eager, diffusers' default attention (SDPA);
+- stock + fused QKV + channels-last: the eager switches a diffusers user can flip;
+- handler: handler.py with its defaults;
+- handler SD_COMPILE=<mode>: each torch.compile mode, compiled at 512x512 during warm-up
+  ("reduce-overhead" adds CUDA graphs).
+Per contender: seconds per image end to end (median of a few), steps/s of the denoising loop
+(output_type="latent" calls for the stock pipeline, the handler's own stage timer for the
+handler), load/compile/warm-up time, peak GPU memory. Then an out-of-memory check: with most
+of the GPU taken, a request too large must fail with the handler's clear error, and the next
+one succeed. A deadline (default 7 minutes) skips what would not fit, saying so in the JSON.
+Without CUDA it stops before the first CUDA call, saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a red circle on a white background"
+SEED = 1234
+SIZE, STEPS = 512, 25
+COMPILE_MODES = ("reduce-overhead", "max-autotune-no-cudagraphs")
+# A contender is started only if this many seconds are left before the deadline.
+NEEDED = {"stock": 30, "handler": 30, "compile": 150, "oom": 20}
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def allows(self, seconds: float) -> bool:
+        return time.monotonic() + seconds < self.end
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def gib(n: int) -> float:
+    return round(n / 2**30, 2)
+
+
+def run_tests() -> dict:
+    """The GPU-marked tests, on the shipped model."""
+    files = [str(p) for p in sorted((REPO_ROOT / "tests").glob("test_*.py"))]
+    files = [f for f in files if "pytest.mark.gpu" in Path(f).read_text()]
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    tail = result.stdout.strip().splitlines()[-1:] or result.stderr.strip().splitlines()[-1:]
+    return {
+        "files": [Path(f).name for f in files],
+        "returncode": result.returncode,
+        "summary": tail[0] if tail else "",
+        "seconds": round(time.perf_counter() - started, 1),
+        "output_tail": (result.stdout + result.stderr)[-2000:] if result.returncode else "",
+    }
+
+
+def ensure_model(folder: Path) -> Path:
+    if not (folder / "model_index.json").is_file():
+        subprocess.run(
+            [sys.executable, "-m", "model_tools.build", "--arch", "sd15", "--out", str(folder)],
+            cwd=REPO_ROOT,
+            check=True,
+        )
+    return folder
+
+
+def stock_pipeline(model: Path, fused: bool):
+    from diffusers import StableDiffusionPipeline
+
+    from sd_endpoint.engine import _dtype_argument
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model,
+        safety_checker=None,
+        requires_safety_checker=False,
+        **_dtype_argument(torch.float16),
+    ).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    if fused:
+        pipe.fuse_qkv_projections()
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def measure_stock(model: Path, fused: bool, repeats: int) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    pipe = stock_pipeline(model, fused)
+    torch.cuda.synchronize()
+    ready = time.perf_counter() - started
+
+    def call(output_type: str):
+        return pipe(
+            PROMPT,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type=output_type,
+        ).images
+
+    warm = timed(lambda: call("pil"))
+    images = [timed(lambda: call("pil")) for _ in range(repeats)]
+    loops = [timed(lambda: call("latent")) for _ in range(repeats)]
+    figures = {
+        "ready_s": round(ready, 2),
+        "first_call_s": round(warm, 3),
+        "s_per_image": round(statistics.median(images), 4),
+        "steps_per_s": round(STEPS / statistics.median(loops), 2),
+        "peak_gpu_memory_gib": gib(torch.cuda.max_memory_allocated()),
+    }
+    return figures  # the pipeline goes with this frame: free_memory() then releases it
+
+
+def make_handler(model: Path, **overrides):
+    import importlib.util
+
+    from sd_endpoint.settings import Settings
+
+    spec = importlib.util.spec_from_file_location("handler", REPO_ROOT / "handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    settings = dataclasses.replace(Settings.from_env(), **overrides)
+    return module.EndpointHandler(str(model), settings)
+
+
+def measure_handler(model: Path, repeats: int, **overrides) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    handler = make_handler(model, warmup=f"{SIZE}x{SIZE}", **overrides)
+    torch.cuda.synchronize()
+    ready = time.perf_counter() - started
+    request = {"inputs": PROMPT, "width": SIZE, "height": SIZE, "seed": SEED}
+    request["num_inference_steps"] = STEPS
+    images, loops = [], []
+    for _ in range(repeats):
+        images.append(timed(lambda: handler(request)))
+        loops.append(handler.last_timings["denoising"])
+    figures = {
+        "ready_s": round(ready, 2),
+        "warmup_incl_compile_s": round(handler.engine.startup_timings["warmup"], 2),
+        "s_per_image": round(statistics.median(images), 4),
+        "steps_per_s": round(STEPS / statistics.median(loops), 2),
+        "peak_gpu_memory_gib": gib(torch.cuda.max_memory_allocated()),
+        "settings": {k: v for k, v in overrides.items()},
+    }
+    return figures
+
+
+def out_of_memory_check(model: Path) -> dict:
+    """Most of the GPU taken by another tensor: a big request fails cleanly, the next works."""
+    from sd_endpoint.engine import InsufficientMemoryError
+
+    handler = make_handler(model, warmup="")
+    free, _ = torch.cuda.mem_get_info()
+    filler = torch.empty(max(free - 2**30, 0), dtype=torch.uint8, device="cuda")
+    big = {"inputs": PROMPT, "width": 1024, "height": 1024, "seed": SEED}
+    big.update(num_inference_steps=2, num_images_per_prompt=4)
+    outcome = {"free_gib_left": gib(torch.cuda.mem_get_info()[0])}
+    try:
+        handler(big)
+        outcome["big_request"] = "succeeded (did not run out of memory)"
+    except InsufficientMemoryError as exc:
+        outcome["big_request"] = f"InsufficientMemoryError: {exc}"
+    except Exception as exc:  # anything else is a failure of the check
+        outcome["big_request"] = f"UNEXPECTED {type(exc).__name__}: {exc}"
+    del filler
+    gc.collect()
+    torch.cuda.empty_cache()
+    small = {"inputs": PROMPT, "width": SIZE, "height": SIZE, "seed": SEED}
+    small["num_inference_steps"] = 4
+    try:
+        handler(small)
+        outcome["next_request"] = "succeeded"
+    except Exception as exc:
+        outcome["next_request"] = f"FAILED {type(exc).__name__}: {exc}"
+    outcome["passed"] = (
+        outcome["big_request"].startswith("InsufficientMemoryError")
+        and outcome["next_request"] == "succeeded"
+    )
+    del handler
+    return outcome
+
+
+def free_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--model", type=Path, default=Path(tempfile.gettempdir()) / "sd15-random")
+    parser.add_argument("--minutes", type=float, default=7.0, help="deadline for everything")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args()
+    deadline = Deadline(args.minutes * 60)
+    sys.path.insert(0, str(REPO_ROOT))
+    import diffusers
+    import transformers
+
+    import handler  # noqa: F401  (the endpoint imports: the carried wheels work)
+
+    report: dict = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+    if not torch.cuda.is_available():
+        report["cuda"] = False
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"no CUDA device: imports work ({report}); nothing measured. Wrote {args.out}")
+        return
+    report.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    print(f"GPU check on {report['gpu']}", flush=True)
+
+    def save() -> None:
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    if not args.skip_tests:
+        try:
+            report["tests"] = run_tests()
+        except subprocess.TimeoutExpired:
+            report["tests"] = {"summary": "timed out after 240 s"}
+        print(f"  tests: {report['tests']['summary']}", flush=True)
+        save()
+    started = time.perf_counter()
+    model = ensure_model(args.model)
+    report["model_build_s"] = round(time.perf_counter() - started, 1)
+    contenders = [
+        ("stock eager", "stock", lambda: measure_stock(model, False, args.repeats)),
+        (
+            "stock + fused QKV + channels-last",
+            "stock",
+            lambda: measure_stock(model, True, args.repeats),
+        ),
+        ("handler (defaults)", "handler", lambda: measure_handler(model, args.repeats)),
+    ]
+    for mode in COMPILE_MODES:
+        contenders.append(
+            (
+                f"handler SD_COMPILE={mode}",
+                "compile",
+                lambda mode=mode: measure_handler(model, args.repeats, compile=mode),
+            )
+        )
+    results = report["contenders"] = {}
+    for name, kind, run in contenders:
+        if not deadline.allows(NEEDED[kind]):
+            results[name] = "skipped: would pass the deadline"
+            continue
+        try:
+            results[name] = run()
+        except Exception as exc:
+            results[name] = f"failed: {type(exc).__name__}: {str(exc)[:500]}"
+        free_memory()
+        print(f"  {name}: {results[name]}", flush=True)
+        save()
+    stock = results.get("stock eager")
+    if isinstance(stock, dict):
+        for data in results.values():
+            if isinstance(data, dict):
+                data["speedup_vs_stock"] = round(stock["s_per_image"] / data["s_per_image"], 2)
+    measured = [d for d in results.values() if isinstance(d, dict) and "settings" in d]
+    if measured:
+        best = min(measured, key=lambda d: d["s_per_image"])
+        report["goal"] = {
+            "best_handler_s_per_image": best["s_per_image"],
+            "at_most_0.30_s": best["s_per_image"] <= 0.30,
+            "at_least_2x_stock": best.get("speedup_vs_stock", 0) >= 2,
+        }
+    if deadline.allows(NEEDED["oom"]):
+        report["out_of_memory"] = out_of_memory_check(model)
+    else:
+        report["out_of_memory"] = "skipped: would pass the deadline"
+    save()
+    print(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""SD_DTYPE=auto: bfloat16 only where the CPU multiplies it in hardware and the model is
+full-size; float32 for everything else."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from sd_endpoint import acceleration
+from sd_endpoint.engine import resolve_dtype
+
+CPU = torch.device("cpu")
+
+
+def cpuinfo_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
+
+
+def write_header_only_unet(folder: Path, parameters: int) -> Path:
+    """A UNet folder whose safetensors header declares ``parameters`` weights (no data: the
+    dtype rule reads headers only, so a full-size model costs nothing to fake)."""
+    (folder / "unet").mkdir(parents=True)
+    header = json.dumps(
+        {"w": {"dtype": "F16", "shape": [parameters], "data_offsets": [0, 2 * parameters]}}
+    ).encode()
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header
+    )
+    return folder
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux's /proc/cpuinfo")
+def test_fast_bfloat16_detection_agrees_with_the_cpu_flags():
+    expected = any(flag in cpuinfo_flags() for flag in acceleration.FAST_BFLOAT16_FLAGS)
+    assert acceleration.cpu_has_fast_bfloat16() is expected
+
+
+def test_parameter_count_from_the_headers_matches_the_loaded_unet(repo_root):
+    unet = UNet2DConditionModel.from_pretrained(repo_root, subfolder="unet")
+    assert acceleration.unet_parameters(repo_root) == sum(p.numel() for p in unet.parameters())
+
+
+def test_auto_is_float32_on_a_cpu_without_fast_bfloat16(tmp_path, monkeypatch):
+    monkeypatch.setattr(acceleration, "cpu_has_fast_bfloat16", lambda: False)
+    full_size = write_header_only_unet(tmp_path, 860_000_000)
+    assert resolve_dtype("auto", CPU, full_size) == torch.float32
+
+
+def test_auto_is_bfloat16_only_for_a_full_size_model_on_a_fast_bfloat16_cpu(
+    tmp_path, monkeypatch, repo_root
+):
+    # The probe is replaced only because this CPU may lack AMX; the rule under test is real.
+    monkeypatch.setattr(acceleration, "cpu_has_fast_bfloat16", lambda: True)
+    full_size = write_header_only_unet(tmp_path / "sd15", 860_000_000)
+    assert resolve_dtype("auto", CPU, full_size) == torch.bfloat16
+    assert resolve_dtype("auto", CPU, repo_root) == torch.float32, "the shipped model is small"
+    assert resolve_dtype("float32", CPU, full_size) == torch.float32, "an explicit choice wins"
+    unreadable = tmp_path / "broken"
+    (unreadable / "unet").mkdir(parents=True)
+    (unreadable / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x01")
+    assert resolve_dtype("auto", CPU, unreadable) == torch.float32
+
+
+def test_cuda_auto_stays_float16():
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+
+
+def bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_sd15_cpu.py"
+    spec = importlib.util.spec_from_file_location("bench_sd15_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_intel_spr_sizing_keeps_headroom_over_the_peak():
+    bench = bench_module()
+    assert bench.smallest_instance(5.4e9) == "x4 (8 GB)"  # bfloat16 SD 1.5 (issue 11)
+    assert bench.smallest_instance(8.1e9) == "x8 (16 GB)"  # float32: 8 GB leaves no room
+    assert bench.smallest_instance(40e9).startswith("none")
+
+
+def test_step_stamps_split_a_request_into_steps_and_fixed_costs(handler):
+    bench = bench_module()
+    unet = handler.engine.pipe.unet
+    original = type(unet)
+    stamps: list[float] = []
+    bench._stamp_calls(unet, stamps)
+    try:
+        request = {"inputs": "a red circle", "seed": 3, "num_inference_steps": 4}
+        timing = bench._timed_request(lambda: handler(request), stamps, 4)
+    finally:
+        unet.__class__ = original
+    assert len(timing["step_times"]) == 3
+    assert timing["step_median"] > 0 and 0 < timing["fixed"] < timing["total"]
+    assert timing["fixed"] + sum(timing["step_times"]) + timing["step_median"] == pytest.approx(
+        timing["total"]
+    )
