@@ -10,6 +10,12 @@ scripts/setup_env.sh .venv-base constraints/base-image.txt
 # cannot share: its own environment, for tests/test_emulator.py.
 scripts/setup_env.sh .venv-emulator "" requirements-emulator.txt
 
+# tests/test_page.py drives the playground page in Debian's Chromium (Playwright's own browser
+# download is unreachable from CI); CI runs as root, elsewhere those tests skip without it.
+if ! command -v chromium >/dev/null && [ "$(id -u)" -eq 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+fi
+
 # Tests make small images, where one thread per process is fastest, and the suite runs
 # servers beside the test process: more threads than cores would only fight each other.
 export SD_NUM_THREADS=${SD_NUM_THREADS:-1}

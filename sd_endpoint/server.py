@@ -11,6 +11,8 @@ platform checks in front of it:
   ``Ok`` once the model is loaded and 503 while it loads. The model loads in a background
   thread, so the socket opens at once; if loading fails the server exits with status 1, as the
   hosted container does, and the log says why. ``/docs`` and ``/openapi.json`` describe the API.
+  A browser (``text/html`` in ``Accept``) gets the playground page at ``/`` (and at
+  ``/playground``): ``sd_endpoint.page``.
 * Errors are ``{"error": message}``: 400 for the handler's ``ValueError`` and for a body that
   is not JSON, 401 for a missing or wrong token, 413 for a body over the size limit, 415 for a
   content type other than ``application/json``, 406 for an ``Accept`` it cannot answer, 500
@@ -56,6 +58,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from . import page
 from .imaging import MEDIA_TYPES, encode
 from .loader import REPO_ROOT, load_handler
 from .schema import ALIASES, ErrorResponse, GenerationResponse, request_model
@@ -132,8 +135,14 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[], None] = lambd
         # Routing errors (404, 405) in the same {"error": ...} shape as everything else.
         return error_response(exc.status_code, str(exc.detail), exc.headers)
 
-    @app.get("/health", response_class=PlainTextResponse, responses=HEALTH_RESPONSES)
     @app.get("/", response_class=PlainTextResponse, responses=HEALTH_RESPONSES)
+    async def root(request: Request) -> Response:
+        """As `/health`; a browser (`text/html` in `Accept`) gets the playground page."""
+        if page.wants_page(request.headers.get("accept")):
+            return page.index()
+        return await health()
+
+    @app.get("/health", response_class=PlainTextResponse, responses=HEALTH_RESPONSES)
     async def health() -> Response:
         """`Ok` once the model is loaded; 503 while it loads."""
         if slot.handler is not None:
@@ -226,6 +235,7 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[], None] = lambd
         )
 
     limits = Settings.from_env().limits
+    page.add_routes(app, limits)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -540,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             TOKEN_VARIABLE,
         )
     log.info("bearer token %s", "required" if token else f"off (set {TOKEN_VARIABLE} to require)")
+    log.info("playground: open %s in a browser", page.url(args.host, args.port))
     config = ServerConfig(args.model_dir.resolve(), token, args.concurrency, args.max_body_bytes)
 
     server: uvicorn.Server | None = None
