@@ -19,8 +19,9 @@ from typing import Any
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sd_endpoint import safety, samplers  # noqa: E402
 from sd_endpoint.engine import Engine  # noqa: E402
-from sd_endpoint.imaging import encode, to_base64  # noqa: E402
+from sd_endpoint.imaging import a1111_parameters, encode, to_base64  # noqa: E402
 from sd_endpoint.schema import parse_request  # noqa: E402
 from sd_endpoint.settings import Settings  # noqa: E402
 
@@ -30,7 +31,11 @@ log = logging.getLogger("sd_endpoint.handler")
 class EndpointHandler:
     def __init__(self, path: str = "", settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
-        self.engine = Engine(path or Path(__file__).parent, self.settings)
+        path = path or Path(__file__).parent
+        self.engine = Engine(path, self.settings)
+        self.safety = safety.load(
+            path, self.settings.safety_checker, self.engine.device, self.engine.dtype
+        )
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -39,44 +44,53 @@ class EndpointHandler:
 
         result = self.engine.generate(request)
 
-        encoded_at = time.perf_counter()
-        image = encode(result.image, request.output_format, self.settings.png_compress_level)
+        screened_at = time.perf_counter()
+        screened = self.safety.screen(result.images)
+        screened_done = time.perf_counter()
+        sampler = samplers.a1111_name(request.scheduler, self.engine.default_scheduler)
+        images = [
+            encode(
+                image,
+                request.output_format,
+                self.settings.png_compress_level,
+                a1111_parameters(request, seed, sampler) if request.metadata else None,
+            )
+            for image, seed in zip(screened.images, result.seeds, strict=True)
+        ]
         encoded = time.perf_counter()
-        payload = to_base64(image)
+        payloads = [to_base64(image) for image in images]
         done = time.perf_counter()
 
         timings = {
             "validation": validated - started,
             **result.timings,
-            "image_encoding": encoded - encoded_at,
+            **({"safety_check": screened_done - screened_at} if screened.flags else {}),
+            "image_encoding": encoded - screened_done,
             "base64": done - encoded,
             "total": done - started,
         }
         log.info(
-            "generated %dx%d steps=%d guidance=%g scheduler=%s seed=%d %s=%d bytes | %s%s",
+            "generated %dx%d images=%d steps=%d guidance=%g scheduler=%s seed=%d %s=%d bytes"
+            " | %s%s",
             request.width,
             request.height,
+            len(images),
             request.num_inference_steps,
             request.guidance_scale,
             request.scheduler,
             result.seed,
             request.output_format,
-            len(image),
+            sum(map(len, images)),
             " ".join(f"{stage}={seconds * 1000:.1f}ms" for stage, seconds in timings.items()),
             f" | prompt={request.prompt!r}" if self.settings.log_prompts else "",
         )
         self.last_timings = timings
         return {
-            "image": payload,
+            "image": payloads[0],
+            "images": payloads,
             "seed": result.seed,
-            "parameters": {
-                "height": request.height,
-                "width": request.width,
-                "num_inference_steps": request.num_inference_steps,
-                "guidance_scale": request.guidance_scale,
-                "seed": result.seed,
-                "scheduler": request.scheduler,
-                "output_format": request.output_format,
-            },
-            "warnings": result.warnings,
+            "seeds": result.seeds,
+            "parameters": request.used(result.seed),
+            "warnings": result.warnings + screened.warnings,
+            "nsfw_content_detected": screened.flags,
         }

@@ -55,6 +55,59 @@ def caption(colour: str | None, shape: str | None, background: str | None) -> st
     return text
 
 
+# Words of the long prompts people write. None names or hides a word of this world
+# ("centered", "colored" and "rendered" hide "red"), so filler lengthens a caption without
+# changing what it asks for.
+FILLER = (
+    "highly detailed",
+    "sharp focus",
+    "masterpiece",
+    "best quality",
+    "digital art",
+    "studio lighting",
+    "intricate",
+    "cinematic",
+    "award winning",
+    "trending on artstation",
+    "soft light",
+    "clean lines",
+    "flat design",
+    "minimalist",
+    "vector art",
+    "smooth",
+    "high resolution",
+    "8k",
+    "professional",
+    "illustration",
+    "geometric",
+    "sharp edges",
+    "plain",
+    "crisp",
+    "symmetrical",
+    "bold",
+    "matte",
+)
+WORLD_WORDS = (*COLOURS, *BACKGROUNDS, *SHAPES, "shape", "background")
+
+
+def filler(rng: np.random.Generator, characters: int) -> str:
+    """Comma-separated filler phrases, at least ``characters`` long."""
+    phrases: list[str] = []
+    while sum(len(p) + 2 for p in phrases) < characters:
+        phrases.append(FILLER[rng.integers(len(FILLER))])
+    return ", ".join(phrases)
+
+
+def long_caption(text: str, rng: np.random.Generator, longest: int = 160) -> str:
+    """``text`` with filler before it, after it or on both sides, up to about ``longest``
+    characters of filler: one to three 75-token chunks, with the key words in any of them
+    (the character-level tokenizer makes a token of every character but spaces)."""
+    layout = rng.integers(3)
+    before = filler(rng, int(rng.integers(20, longest))) if layout != 1 else ""
+    after = filler(rng, int(rng.integers(20, longest // 2))) if layout != 0 else ""
+    return ", ".join(part for part in (before, text, after) if part)
+
+
 def random_scene(rng: np.random.Generator) -> Scene:
     size = rng.uniform(0.3, 0.65)
     margin = size / 2 + 0.04

@@ -10,7 +10,11 @@ DPM-Solver++ sampler fits).
 
 A share of captions is dropped to "" so that classifier-free guidance has an unconditional
 model to push from, and about a third name only some attributes ("a red shape", "a circle on
-a black background", "red") so that a one-word negative prompt means something.
+a black background", "red") so that a one-word negative prompt means something. A share of
+the captions (``--long-captions``) is padded with filler ("highly detailed, sharp focus, ...")
+before, after or around the key words, past the 75-token boundary, and every caption is
+encoded by the endpoint's own chunked encoder (``sd_endpoint.prompts``): the model learns to
+find what is asked for in any chunk of a long prompt.
 
 The same seed gives the same weights on the same torch and thread count.
 """
@@ -28,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from transformers import CLIPTokenizer
+
+from sd_endpoint.prompts import Chunk, PromptEncoder
 
 from . import synthetic
 from .architecture import SD_SCHEDULER, build, char_vocab, save, tiny, write_tokenizer
@@ -51,23 +57,28 @@ def random_crop(image: np.ndarray, side: int, rng: np.random.Generator) -> np.nd
     return image[y : y + side, x : x + side]
 
 
-def train_caption(scene: synthetic.Scene, rng: np.random.Generator, dropout: float) -> str:
-    """The caption the text side sees for ``scene`` in training."""
+def train_caption(
+    scene: synthetic.Scene, rng: np.random.Generator, dropout: float, long: float = 0.0
+) -> str:
+    """The caption the text side sees for ``scene`` in training; a share ``long`` of the
+    non-empty ones is padded with filler past the 75-token chunk boundary."""
     draw = rng.random()
     if draw < dropout:
         return ""
     if draw < dropout + 0.05:
-        return scene.colour  # a bare colour word, as users write negative prompts
-    if draw < 0.7:
-        return scene.caption
-    keep = [False] * 3
-    while not any(keep):
-        keep = list(rng.random(3) < 0.5)
-    return synthetic.caption(
-        scene.colour if keep[0] else None,
-        scene.shape if keep[1] else None,
-        scene.background if keep[2] else None,
-    )
+        text = scene.colour  # a bare colour word, as users write negative prompts
+    elif draw < 0.7:
+        text = scene.caption
+    else:
+        keep = [False] * 3
+        while not any(keep):
+            keep = list(rng.random(3) < 0.5)
+        text = synthetic.caption(
+            scene.colour if keep[0] else None,
+            scene.shape if keep[1] else None,
+            scene.background if keep[2] else None,
+        )
+    return synthetic.long_caption(text, rng) if rng.random() < long else text
 
 
 def train_vae(vae, args, rng: np.random.Generator) -> None:
@@ -155,32 +166,50 @@ def train_denoiser(unet, text_encoder, tokenizer, pool, scale, args, rng, genera
     average = copy.deepcopy(modules).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=1e-2)
     schedule = cosine(optimizer, args.unet_steps, warmup=200)
-    token_cache: dict[str, torch.Tensor] = {}
+    # The endpoint's own encoder, so training sees the chunks it serves: 77-token chunks of
+    # [bos] + 75 tokens + [eos], one after the other.
+    prompts = PromptEncoder(tokenizer, text_encoder)
+    empty = prompts.empty_chunk()
+    chunk_cache: dict[str, list[Chunk]] = {}
 
-    def token_ids(texts: list[str]) -> torch.Tensor:
-        # The pipeline pads every prompt to 77 tokens; training sees the same layout.
-        for text in set(texts) - token_cache.keys():
-            token_cache[text] = tokenizer(
-                text,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids[0]
-        return torch.stack([token_cache[t] for t in texts])
+    def embed(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captions' states, the shorter ones padded to the batch's longest, and the
+        mask that hides the padding from the UNet: a short caption trains as it is served,
+        alone (a first run that let 2-3 padded chunks dilute the attention of most short
+        captions drew every colourless prompt blue and ignored negative prompts)."""
+        for text in set(texts) - chunk_cache.keys():
+            chunk_cache[text] = prompts.tokenize(text).chunks
+        count = max(len(chunk_cache[t]) for t in texts)
+        rows = [chunk_cache[t] + [empty] * (count - len(chunk_cache[t])) for t in texts]
+        mask = torch.tensor(
+            [[1.0] * len(chunk_cache[t]) + [0.0] * (count - len(chunk_cache[t])) for t in texts]
+        ).repeat_interleave(prompts.length, dim=1)
+        # Each distinct chunk goes through the encoder once: most captions are short and
+        # many repeat, and the padding is all one chunk.
+        unique = list(dict.fromkeys(chunk for row in rows for chunk in row))
+        position = {chunk: i for i, chunk in enumerate(unique)}
+        index = torch.tensor([[position[chunk] for chunk in row] for row in rows])
+        hidden = prompts.hidden(unique)
+        return hidden[index].reshape(len(texts), count * prompts.length, hidden.shape[-1]), mask
 
     started, running = time.perf_counter(), 0.0
     for step in range(1, args.unet_steps + 1):
         picked = rng.integers(len(scenes), size=args.batch)
-        captions = [train_caption(scenes[i], rng, args.caption_dropout) for i in picked]
+        captions = [
+            train_caption(scenes[i], rng, args.caption_dropout, args.long_captions) for i in picked
+        ]
         clean = latents[torch.from_numpy(picked)]
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator
         )
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        text = text_encoder(token_ids(captions))[0]
-        prediction = unet(noisy, timesteps, text).sample
+        text, mask = embed(captions)
+        # The UNet's first attention layers attend to the text too (only_cross_attention), so
+        # the mask goes to both.
+        prediction = unet(
+            noisy, timesteps, text, attention_mask=mask, encoder_attention_mask=mask
+        ).sample
         error = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (error * weights[timesteps]).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -231,6 +260,12 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument(
         "--caption-dropout", type=float, default=0.1, help='share of captions replaced by ""'
+    )
+    parser.add_argument(
+        "--long-captions",
+        type=float,
+        default=0.25,
+        help="share of non-empty captions padded with filler past the 75-token chunk boundary",
     )
     parser.add_argument(
         "--threads",

@@ -38,6 +38,7 @@ LOCAL_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 600.0
 SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+MAX_CHOICES_SHOWN = 6
 
 
 class EndpointError(Exception):
@@ -56,6 +57,8 @@ class Generated:
     parameters: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    images: list[bytes] = field(default_factory=list)  # all of them; the first is `image`
+    seeds: list[int] = field(default_factory=list)
 
 
 def default_url() -> str:
@@ -121,12 +124,17 @@ def generate(
         except ValueError as exc:
             raise EndpointError(None, f"{url} did not answer JSON: {exc}") from None
     try:
+        image = base64.b64decode(payload["image"], validate=True)
         return Generated(
-            image=base64.b64decode(payload["image"], validate=True),
+            image=image,
             seed=payload["seed"],
             parameters=payload.get("parameters", {}),
             warnings=payload.get("warnings", []),
             seconds=time.monotonic() - started,
+            # An endpoint from before batches sends only `image` and `seed`.
+            images=[base64.b64decode(p, validate=True) for p in payload.get("images", [])]
+            or [image],
+            seeds=payload.get("seeds") or [payload["seed"]],
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise EndpointError(None, f"{url} answered without an image and seed: {exc!r}") from None
@@ -236,13 +244,24 @@ def _argument_type(schema: dict) -> dict:
     options = [schema, *schema.get("anyOf", [])]
     for option in options:
         if "enum" in option:
-            return {"choices": option["enum"], "metavar": "{" + ",".join(option["enum"]) + "}"}
+            # A long list (the samplers by both names) is in the help text instead.
+            many = len(option["enum"]) > MAX_CHOICES_SHOWN
+            metavar = "NAME" if many else "{" + ",".join(option["enum"]) + "}"
+            return {"choices": option["enum"], "metavar": metavar}
     kinds = {option.get("type") for option in options}
+    if "boolean" in kinds:
+        return {"type": _boolean, "metavar": "{true,false}"}
     if "integer" in kinds:
         return {"type": int, "metavar": "N"}
     if "number" in kinds:
         return {"type": float, "metavar": "X"}
     return {"metavar": "TEXT"}
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError("must be true or false")
+    return text.lower() == "true"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,13 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_bytes(result.image)
     p = result.parameters
     size = f"{p['width']}x{p['height']} " if "width" in p and "height" in p else ""
-    print(
-        f"wrote {output} ({size}{p.get('output_format', 'image')}, {len(result.image):,} bytes) "
-        f"seed {result.seed} in {result.seconds:.1f} s"
-    )
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        # Several images: out.png, out-2.png, ...
+        path = output if i == 0 else output.with_stem(f"{output.stem}-{i + 1}")
+        path.write_bytes(image)
+        print(
+            f"wrote {path} ({size}{p.get('output_format', 'image')}, {len(image):,} bytes) "
+            f"seed {seed} in {result.seconds:.1f} s"
+        )
     return 0
 
 

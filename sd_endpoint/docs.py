@@ -26,6 +26,8 @@ def parameter_table(limits: Limits = DEFAULT_LIMITS) -> str:
             default = "required"
         elif field.default is None:
             default = "native size" if name in {"height", "width"} else "none"
+        elif isinstance(field.default, bool):
+            default = f"`{str(field.default).lower()}`"  # as JSON writes it
         else:
             default = f"`{field.default}`"
         rows.append(f"| {names} | {kind} | {default} | {field.description} |")
@@ -36,7 +38,12 @@ def _type_name(name: str, annotation: object) -> str:
     text = str(annotation)
     if name in {"scheduler", "output_format"}:
         return "string (enum)"
-    for token, label in (("str", "string"), ("int", "integer"), ("float", "number")):
+    for token, label in (
+        ("bool", "boolean"),
+        ("str", "string"),
+        ("int", "integer"),
+        ("float", "number"),
+    ):
         if re.search(rf"\b{token}\b", text):
             return label
     return text

@@ -14,41 +14,27 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-)
+from diffusers import StableDiffusionPipeline
 from packaging.version import Version
 from PIL import Image
 
+from . import samplers
+from .acceleration import auto_cpu_dtype, warn_if_slow_bfloat16
+from .prompts import PromptEncoder
 from .schema import GenerationRequest, parse_request
 from .settings import Settings
+from .weights import check_loaded
 
 log = logging.getLogger(__name__)
 
-# The stock pipeline logs the cut-off part of a long prompt as a warning; prompts never go to
-# the logs here, and the response reports the truncation instead.
+# The stock pipeline logs the cut-off part of a long prompt as a warning, and prompts never
+# go to the logs here. This endpoint encodes prompts itself (prompts.py) and cuts nothing, but
+# the pipeline stays quiet should any path reach its own encoding.
 logging.getLogger(StableDiffusionPipeline.__module__).setLevel(logging.ERROR)
 
-# Request-selectable samplers, built from the model's own scheduler config (betas, offsets).
-SCHEDULERS = {
-    "dpm++2m": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
-    ),
-    "dpm++2m-karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-}
+# Request-selectable samplers (declared in samplers.py), built from the model's own scheduler
+# config (betas, offsets).
+SCHEDULERS = {s.name: (getattr(diffusers, s.scheduler), s.options) for s in samplers.SAMPLERS}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Steps of each warm-up generation: a multistep sampler's first and later steps, and enough
 # UNet calls for torch.compile (and CUDA graphs, which record on a later call) to settle.
@@ -62,10 +48,14 @@ class InsufficientMemoryError(ValueError):
 
 @dataclass
 class Generated:
-    image: Image.Image
-    seed: int
+    images: list[Image.Image]
+    seeds: list[int]  # image i's
     warnings: list[str]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def seed(self) -> int:
+        return self.seeds[0]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,11 +67,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, model_dir: Path | None = None) -> torch.dtype:
     if name == "auto":
-        # Half precision halves memory and runs on tensor cores; CPUs lack fast fp16 kernels
-        # (LayerNorm has none at all in older torch), so they stay in float32.
-        return torch.float16 if device.type == "cuda" else torch.float32
+        # Half precision halves memory and runs on tensor cores. CPUs lack fast fp16 kernels
+        # (LayerNorm has none at all in older torch); bfloat16 pays only on CPUs that multiply
+        # it in hardware, and only for a full-size model (acceleration.auto_cpu_dtype).
+        if device.type == "cuda":
+            return torch.float16
+        return auto_cpu_dtype(model_dir) if device.type == "cpu" else torch.float32
     dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     if name not in dtypes:
         raise ValueError(f"SD_DTYPE={name!r} is not one of auto, {', '.join(dtypes)}")
@@ -126,7 +119,8 @@ class Engine:
         path = Path(path)
         check_weights(path)
         self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device, path)
+        warn_if_slow_bfloat16(self.dtype, self.device)
         self.settings = settings
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
@@ -143,6 +137,7 @@ class Engine:
             requires_safety_checker=False,
             **_dtype_argument(self.dtype),
         )
+        check_loaded(pipe, path)  # transformers random-inits unmatched weights, warning only
         loaded = time.perf_counter()
         pipe.to(self.device)
         if settings.channels_last:
@@ -150,6 +145,9 @@ class Engine:
             pipe.vae.to(memory_format=torch.channels_last)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        # Prompts of any length, AUTOMATIC1111's emphasis and clip skip, instead of the
+        # pipeline's own encode_prompt (77 tokens at most).
+        self.prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
         # Requests swap in their own scheduler; keep the folder's own to build "default" from.
         self.default_scheduler = (type(pipe.scheduler), pipe.scheduler.config)
         self.native_size = (
@@ -215,10 +213,11 @@ class Engine:
         return cls.from_config(config, **overrides)
 
     def generate(self, request: GenerationRequest) -> Generated:
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        if request.seed is None:
+            request = request.model_copy(update={"seed": secrets.randbelow(2**32)})
         try:
             with self._lock, torch.inference_mode():
-                return self._generate(request, seed)
+                return self._generate(request)
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             if not _is_out_of_memory(exc):
                 raise
@@ -227,15 +226,18 @@ class Engine:
         # chained to the one raised below would keep them), so the cache can be emptied.
         raise self._out_of_memory(request)
 
-    def _generate(self, request: GenerationRequest, seed: int) -> Generated:
+    def _generate(self, request: GenerationRequest) -> Generated:
         pipe = self.pipe
         pipe.scheduler = self.new_scheduler(request.scheduler)
         guided = request.guidance_scale > 1
         warnings = self._warnings(request, guided)
-        # Noise is drawn on the CPU so a seed gives the same image on every device.
-        generator = torch.Generator("cpu").manual_seed(seed)
+        # Noise is drawn on the CPU so a seed gives the same image on every device; one
+        # generator per image (seed + i), so each image of a batch can be made again alone.
+        seeds = request.seeds
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
-        compiled = (request.height, request.width) in self._compiled_sizes
+        # Compiled code was traced at batch 1: a batch runs eagerly rather than recompiling.
+        compiled = (request.height, request.width) in self._compiled_sizes and len(seeds) == 1
         unet = self._compiled_unet if compiled else self._eager_unet
         if pipe.unet is not unet:
             pipe.unet = unet
@@ -243,8 +245,13 @@ class Engine:
         tiled = request.height * request.width > self.settings.vae_tile_above_pixels
 
         clock = _Clock(self.device)
-        prompt_embeds, negative_embeds = pipe.encode_prompt(
-            request.prompt, self.device, 1, guided, request.negative_prompt
+        # Checks the prompts' length (PromptTooLongError) before any forward pass.
+        prompt_embeds, negative_embeds = self.prompts.encode(
+            request.prompt,
+            request.negative_prompt,
+            guided=guided,
+            clip_skip=request.clip_skip,
+            max_chunks=self.settings.limits.max_prompt_chunks,
         )
         clock.lap("text_encoding")
         latents = pipe(
@@ -254,29 +261,18 @@ class Engine:
             width=request.width,
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
-            generator=generator,
+            num_images_per_prompt=len(seeds),
+            generator=generators,
             output_type="latent",
         ).images
         clock.lap("denoising")
         pixels = to_pixels(pipe.vae, latents, tiled).cpu().numpy()
         clock.lap("decoding")
-        return Generated(Image.fromarray(pixels), seed, warnings, clock.timings())
+        images = [Image.fromarray(p) for p in pixels]
+        return Generated(images, seeds, warnings, clock.timings())
 
     def _warnings(self, request: GenerationRequest, guided: bool) -> list[str]:
         warnings = []
-        tokenizer = self.pipe.tokenizer
-        limit = tokenizer.model_max_length
-        for name, text in (
-            ("inputs", request.prompt),
-            ("negative_prompt", request.negative_prompt),
-        ):
-            # Cut at one token past the limit: enough to tell, and no over-length warning.
-            ids = None if text is None else tokenizer(text, truncation=True, max_length=limit + 1)
-            if ids is not None and len(ids.input_ids) > limit:
-                warnings.append(
-                    f"`{name}` is longer than the text encoder's {limit} tokens; "
-                    "only its beginning was used"
-                )
         if request.negative_prompt is not None and not guided:
             warnings.append("`negative_prompt` has no effect when guidance_scale is 1 or less")
         return warnings
@@ -286,9 +282,10 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return InsufficientMemoryError(
-            f"the {self.device.type.upper()} ran out of memory generating a "
-            f"{request.width}x{request.height} image with {request.num_inference_steps} steps; "
-            "lower height and width (memory grows with their product) and try again"
+            f"the {self.device.type.upper()} ran out of memory generating "
+            f"{request.num_images_per_prompt} {request.width}x{request.height} image(s) with "
+            f"{request.num_inference_steps} steps; lower height and width (memory grows with "
+            "their product) or num_images_per_prompt and try again"
         )
 
 
@@ -301,13 +298,13 @@ def _is_out_of_memory(exc: RuntimeError) -> bool:
 
 
 def latents_to_pixels(vae, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
-    """The image as height × width × 3 uint8, still on the device."""
+    """The images as batch × height × width × 3 uint8, still on the device."""
     decode = vae.tiled_decode if tiled else vae.decode
     decoded = decode(latents / vae.config.scaling_factor, return_dict=False)[0]
     # The same arithmetic as diffusers' VaeImageProcessor, done on the device so that only
     # uint8 pixels cross to the host.
     pixels = ((decoded / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
-    return pixels[0].permute(1, 2, 0)
+    return pixels.permute(0, 2, 3, 1)
 
 
 class _Clock:

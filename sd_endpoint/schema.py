@@ -2,18 +2,20 @@
 
 ``request_model(limits)`` builds the pydantic model whose fields (names, aliases, types,
 ranges, defaults, help text) are the single source for validation, the error messages, the
-README's parameter table and the local server's OpenAPI schema. ``parse_request`` turns a
-JSON body in either accepted form into a validated ``GenerationRequest``, or raises a
-``ValueError`` whose message names each bad field and says what is allowed.
+README's parameter table, the local server's OpenAPI schema, the client's options, the
+response's `parameters` and its model. ``parse_request`` turns a JSON body in either accepted
+form into an instance of it (a ``GenerationRequest``) with the size filled in, which the engine
+reads as it is, or raises a ``ValueError`` whose message names each bad field and says what is
+allowed. Adding a request field means adding it to ``request_model`` and nothing else here.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from itertools import islice
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -23,9 +25,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
+    create_model,
     model_validator,
 )
 
+from . import samplers
 from .settings import Limits
 
 DEFAULT_STEPS = 25
@@ -33,7 +38,8 @@ DEFAULT_GUIDANCE = 7.5
 MAX_SEED = 2**32 - 1
 
 # Names a request may use for `scheduler`; "default" is the one the model folder ships.
-SCHEDULERS = ("default", "dpm++2m", "dpm++2m-karras", "euler", "euler-a", "ddim", "pndm")
+# AUTOMATIC1111's names (samplers.A1111_NAMES) are accepted too, in any case.
+SCHEDULERS = samplers.NAMES
 FORMATS = ("png", "jpeg", "webp")
 MAX_NAMES_SHOWN = 10
 
@@ -68,24 +74,62 @@ def Integer(**constraints: Any) -> Any:  # noqa: N802 (used as a type)
 
 
 def Number(**constraints: Any) -> Any:  # noqa: N802
-    return Annotated[float, Field(strict=True, **constraints), BeforeValidator(_number)]
+    # float() so that 7 and 7.0 echo alike.
+    return Annotated[
+        float, Field(strict=True, **constraints), BeforeValidator(_number), AfterValidator(float)
+    ]
 
 
 def Text(**constraints: Any) -> Any:  # noqa: N802
     return Annotated[str, Field(strict=True, **constraints)]
 
 
-class RequestFields(BaseModel):
-    """Common base of every request model; see ``request_model`` for the fields."""
+def _boolean(value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+Boolean = Annotated[bool, BeforeValidator(_boolean)]
+
+Sampler = Annotated[
+    Literal[SCHEDULERS],  # type: ignore[valid-type]
+    BeforeValidator(samplers.canonical),
+    WithJsonSchema({"type": "string", "enum": [*SCHEDULERS, *samplers.A1111_NAMES]}),
+]
+
+
+class GenerationRequest(BaseModel):
+    """A validated request: the base of every request model (``request_model`` declares the
+    fields). ``parse_request`` fills in the size, so only ``seed`` may still be None."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @property
+    def prompt(self) -> str:
+        return self.inputs  # type: ignore[attr-defined]
+
+    @property
+    def work(self) -> int:
+        """What the request asks the model to do: height × width × steps × images."""
+        return self.height * self.width * self.num_inference_steps * self.num_images_per_prompt  # type: ignore[attr-defined]
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image i's seed is seed + i, so each image can be made again on its own."""
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images_per_prompt)]  # type: ignore[attr-defined]
+
+    def used(self, seed: int) -> dict[str, Any]:
+        """The response's `parameters`: every field but the prompt, as used, with ``seed``.
+        Sent back with the prompt, they reproduce the images."""
+        return {**self.model_dump(exclude={"inputs"}), "seed": seed}
 
 
 DEFAULT_LIMITS = Limits()
 
 
 @lru_cache(maxsize=8)
-def request_model(limits: Limits = DEFAULT_LIMITS) -> type[RequestFields]:
+def request_model(limits: Limits = DEFAULT_LIMITS) -> type[GenerationRequest]:
     """The request model for ``limits`` (the ranges in its fields and help text come from it)."""
     side = (
         f"an integer multiple of 8 from {limits.min_side} to {limits.max_side}, "
@@ -94,19 +138,23 @@ def request_model(limits: Limits = DEFAULT_LIMITS) -> type[RequestFields]:
 
     side_type = Integer(ge=limits.min_side, le=limits.max_side, multiple_of=8)
 
-    class GenerationParameters(RequestFields):
+    class GenerationParameters(GenerationRequest):
         inputs: Annotated[
             Text(min_length=1, max_length=limits.max_prompt_chars), AfterValidator(_has_text)
         ] = Field(
             description="The prompt: non-empty text, at most "
-            f"{limits.max_prompt_chars} characters. The text encoder reads its first 77 "
-            "tokens; the response warns when it cut more.",
+            f"{limits.max_prompt_chars} characters and {limits.max_prompt_chunks} chunks of 75 "
+            f"tokens ({limits.max_prompt_chunks * 75} tokens). AUTOMATIC1111's syntax: "
+            "`(word)` weighs a word 1.1 times, `((word))` 1.21, `(word:1.3)` 1.3, `[word]` "
+            "1/1.1; `\\(` is a literal bracket; `BREAK` starts a new chunk. Each chunk is "
+            "encoded on its own and the chunks are joined, as AUTOMATIC1111 does.",
             examples=["a red circle on a white background"],
         )
         negative_prompt: Text(max_length=limits.max_prompt_chars) | None = Field(
             default=None,
             description="What the image should not show: text, at most "
-            f"{limits.max_prompt_chars} characters. Has an effect only with guidance_scale > 1.",
+            f"{limits.max_prompt_chars} characters and {limits.max_prompt_chunks} chunks, "
+            "with the same syntax as `inputs`. Has an effect only with guidance_scale > 1.",
         )
         height: side_type | None = Field(
             default=None,
@@ -133,16 +181,36 @@ def request_model(limits: Limits = DEFAULT_LIMITS) -> type[RequestFields]:
             description=f"Random seed: an integer from 0 to {MAX_SEED}. The same request with "
             "the same seed gives the same image; without one a seed is drawn and returned.",
         )
-        scheduler: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
+        num_images_per_prompt: Integer(ge=1, le=limits.max_images) = Field(
+            default=1,
+            description=f"Images to make: an integer from 1 to {limits.max_images}. Image i "
+            "uses seed + i, so each one can be made again alone with that seed.",
+        )
+        scheduler: Sampler = Field(
             default="default",
             description="Sampler: one of "
             + ", ".join(SCHEDULERS)
-            + ". `default` is the model folder's own scheduler.",
+            + "; or by AUTOMATIC1111's names, in any case: "
+            + ", ".join(f"{s.a1111} ({s.name})" for s in samplers.SAMPLERS)
+            + ". `default` is the model folder's own scheduler. The response names it the "
+            "first way.",
         )
         output_format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
             default="png",
             description="Image encoding of `image`: png (lossless), jpeg or webp (quality 90, "
             "several times smaller).",
+        )
+        clip_skip: Integer(ge=1, le=2) = Field(
+            default=1,
+            description="Text-encoder layer to use, counted from the last: 1 (the last, as the "
+            "model was trained) or 2 (the one before it, through the final layer norm), as in "
+            "AUTOMATIC1111 and as many fine-tunes' model cards ask for.",
+        )
+        metadata: Boolean = Field(
+            default=True,
+            description="true or false: write the generation parameters into each image, as "
+            "AUTOMATIC1111 does (a PNG `parameters` text chunk; EXIF UserComment in JPEG and "
+            "WebP), prompts included.",
         )
 
         @model_validator(mode="after")
@@ -163,31 +231,12 @@ def request_model(limits: Limits = DEFAULT_LIMITS) -> type[RequestFields]:
 ALIASES = {"inference_steps": "num_inference_steps"}
 
 
-def accepted_fields(model: type[RequestFields]) -> list[str]:
+def accepted_fields(model: type[GenerationRequest]) -> list[str]:
     names = []
     for name in model.model_fields:
         names.append(name)
         names += [alias for alias, target in ALIASES.items() if target == name]
     return names
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A validated request with every default filled in (except a seed, drawn at run time)."""
-
-    prompt: str
-    negative_prompt: str | None
-    height: int
-    width: int
-    guidance_scale: float
-    num_inference_steps: int
-    seed: int | None
-    scheduler: str
-    output_format: str
-
-    @property
-    def work(self) -> int:
-        return self.height * self.width * self.num_inference_steps
 
 
 def parse_request(data: Any, limits: Limits, native_size: tuple[int, int]) -> GenerationRequest:
@@ -206,17 +255,7 @@ def parse_request(data: Any, limits: Limits, native_size: tuple[int, int]) -> Ge
         raise ValueError(_explain(exc, model, fields)) from None
     height = params.height if params.height is not None else native_size[0]
     width = params.width if params.width is not None else native_size[1]
-    request = GenerationRequest(
-        prompt=params.inputs,
-        negative_prompt=params.negative_prompt,
-        height=height,
-        width=width,
-        guidance_scale=float(params.guidance_scale),
-        num_inference_steps=params.num_inference_steps,
-        seed=params.seed,
-        scheduler=params.scheduler,
-        output_format=params.output_format,
-    )
+    request = params.model_copy(update={"height": height, "width": width})
     # The default size is the model's; a model larger than the limits must still be asked for
     # explicitly, and the total work is only known once both sizes are.
     if height * width > limits.max_pixels:
@@ -226,14 +265,15 @@ def parse_request(data: Any, limits: Limits, native_size: tuple[int, int]) -> Ge
         )
     if request.work > limits.max_work:
         raise ValueError(
-            f"this request asks for height × width × steps = {height} × {width} × "
-            f"{request.num_inference_steps} = {request.work:,}, over the limit of "
-            f"{limits.max_work:,}; lower the size or num_inference_steps"
+            f"this request asks for height × width × steps × images = {height} × {width} × "
+            f"{request.num_inference_steps} × {request.num_images_per_prompt} = "
+            f"{request.work:,}, over the limit of {limits.max_work:,}; lower the size, "
+            "num_inference_steps or num_images_per_prompt"
         )
     return request
 
 
-def _flatten(data: Any, model: type[RequestFields]) -> dict[str, Any]:
+def _flatten(data: Any, model: type[GenerationRequest]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(
             "the request body must be a JSON object such as "
@@ -279,7 +319,7 @@ def _flatten(data: Any, model: type[RequestFields]) -> dict[str, Any]:
     return fields
 
 
-def _explain(exc: ValidationError, model: type[RequestFields], sent: dict[str, Any]) -> str:
+def _explain(exc: ValidationError, model: type[GenerationRequest], sent: dict[str, Any]) -> str:
     messages = []
     for error in exc.errors(include_url=False):
         name = str(error["loc"][0]) if error["loc"] else ""
@@ -292,16 +332,32 @@ def _explain(exc: ValidationError, model: type[RequestFields], sent: dict[str, A
         if not name:  # a whole-model check: its message is complete
             messages.append(reason)
             continue
-        messages.append(
-            f"`{name}` {_lowercase(reason)} (got {_short(error['input'])}). "
-            f"Allowed: {_help(model, name)}"
-        )
+        # Prompts must stay out of the runtime's logs, which record every error message: a
+        # text field is described by its type and length, never quoted.
+        got = _described(error["input"]) if _is_text(model, name) else _short(error["input"])
+        messages.append(f"`{name}` {_lowercase(reason)} (got {got}). Allowed: {_help(model, name)}")
     return "invalid request: " + "; ".join(m.rstrip(".") for m in messages)
 
 
-def _help(model: type[RequestFields], name: str) -> str:
+def _help(model: type[GenerationRequest], name: str) -> str:
     name = ALIASES.get(name, name)
     return model.model_fields[name].description if name in model.model_fields else ""
+
+
+def _is_text(model: type[GenerationRequest], name: str) -> bool:
+    info = model.model_fields.get(ALIASES.get(name, name))
+    if info is None:
+        return False
+    kinds = [info.annotation, *get_args(info.annotation)]
+    return str in [get_args(k)[0] if get_origin(k) is Annotated else k for k in kinds]
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, str):
+        return f"text of {len(value):,} characters"
+    if isinstance(value, list | dict):
+        return f"{_json_type(value)} of {len(value):,} item{'' if len(value) == 1 else 's'}"
+    return _json_type(value)
 
 
 def _lowercase(reason: str) -> str:
@@ -324,6 +380,11 @@ def _json_type(value: Any) -> str:
 
 def _short(value: Any, limit: int = 60, quote: bool = True) -> str:
     """``value`` as the client wrote it (JSON), cut to ``limit`` characters."""
+    # Only the start is shown, so only the start is encoded: a million-item array is refused
+    # as fast as a small one.
+    cut = isinstance(value, str | list | dict) and len(value) > limit
+    if cut:
+        value = dict(islice(value.items(), limit)) if isinstance(value, dict) else value[:limit]
     if isinstance(value, str) and not quote:
         text = value
     else:
@@ -336,7 +397,7 @@ def _short(value: Any, limit: int = 60, quote: bool = True) -> str:
     # JSON strings may hold lone surrogates ("\ud800"); echoed raw, they make the error
     # response itself unencodable as UTF-8, so they are spelled as escapes.
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if len(text) <= limit and not cut else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,32 +405,57 @@ def _short(value: Any, limit: int = 60, quote: bool = True) -> str:
 # and for typed clients; the server tests check the handler's real responses against it.
 
 
-class UsedParameters(BaseModel):
-    """The settings the image was made with, every default filled in."""
+# Fields that the request may leave out but the response always fills in.
+FILLED_IN = ("height", "width", "seed")
 
-    model_config = ConfigDict(extra="forbid")
 
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    seed: int = Field(ge=0, le=MAX_SEED)
-    scheduler: Literal[SCHEDULERS]  # type: ignore[valid-type]
-    output_format: Literal[FORMATS]  # type: ignore[valid-type]
+def _used_parameters(limits: Limits = DEFAULT_LIMITS) -> type[BaseModel]:
+    """``GenerationRequest.used``'s shape: the request's fields but the prompt, all present."""
+    fields = {}
+    for name, info in request_model(limits).model_fields.items():
+        if name == "inputs":
+            continue
+        annotation = info.annotation
+        if name in FILLED_IN:
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        fields[name] = (annotation, Field(description=info.description))
+    return create_model(
+        "UsedParameters",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="The settings the images were made with, every default filled in.",
+        **fields,
+    )
+
+
+UsedParameters = _used_parameters()
 
 
 class GenerationResponse(BaseModel):
-    """A generated image with the seed and settings that reproduce it."""
+    """Generated images with the seeds and settings that reproduce them."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description="The image, base64-encoded, in `parameters.output_format`.")
+    image: str = Field(
+        description="The first image, base64-encoded, in `parameters.output_format`."
+    )
+    images: list[str] = Field(
+        description="Every image (`num_images_per_prompt` of them), base64-encoded; the first "
+        "is `image`."
+    )
     seed: int = Field(
         ge=0,
         le=MAX_SEED,
-        description="The seed used: send it with the same request to get the same image.",
+        description="The seed used: send it with the same request to get the same images.",
     )
-    parameters: UsedParameters
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
+        description="Each image's seed, seed + i: with `num_images_per_prompt` 1 it makes that "
+        "image alone."
+    )
+    parameters: UsedParameters  # type: ignore[valid-type]
+    nsfw_content_detected: list[bool] | None = Field(
+        description="Per image, whether the model's safety checker flagged it (a flagged image "
+        "is black unless SD_SAFETY_CHECKER=flag); null when no checker ran."
+    )
     warnings: list[str] = Field(
         description="What could not be done exactly as asked (a prompt cut at the text "
         "encoder's token limit, a negative prompt without effect); empty when nothing.",

@@ -23,11 +23,29 @@ class Limits:
     max_steps: int = field(default=100, metadata={"help": "Most denoising steps per request."})
     max_work: int = field(
         default=1024 * 1024 * 50,
-        metadata={"help": "Most height × width × steps per request (the total work asked for)."},
+        metadata={
+            "help": "Most height × width × steps × images per request (the total work asked for)."
+        },
     )
     max_guidance: float = field(default=30.0, metadata={"help": "Largest guidance_scale."})
     max_prompt_chars: int = field(
-        default=2000, metadata={"help": "Longest prompt or negative prompt, in characters."}
+        default=4000,
+        metadata={
+            "help": "Longest prompt or negative prompt, in characters: a bound checked before "
+            "tokenizing. English prompts run about 4.4 characters per CLIP token, so the "
+            "default leaves SD_MAX_PROMPT_CHUNKS the limit that counts."
+        },
+    )
+    max_prompt_chunks: int = field(
+        default=8,
+        metadata={
+            "help": "Most 75-token chunks a prompt or negative prompt may take (8: 600 tokens). "
+            "Each chunk is one more text-encoder pass and 77 more positions for the UNet's "
+            "cross-attention."
+        },
+    )
+    max_images: int = field(
+        default=4, metadata={"help": "Most images per request (`num_images_per_prompt`)."}
     )
 
     def __post_init__(self) -> None:
@@ -38,6 +56,7 @@ class Limits:
                 raise ValueError(f"{env_name(f.name)} must be positive")
 
 
+SAFETY_MODES = ("block", "flag", "off")
 # torch.compile's modes; "off" runs eagerly.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -53,8 +72,10 @@ class Settings:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "`auto` (float16 on CUDA, float32 elsewhere), `float16`, `bfloat16` "
-            "or `float32`."
+            "help": "`auto`, `float16`, `bfloat16` or `float32`. `auto` is float16 on CUDA; "
+            "on a CPU with AMX or AVX-512 BF16 (such as `intel-spr` instances) bfloat16 for a "
+            "full-size model (UNet of 100M+ parameters: about 4x faster per step than float32 "
+            "there, a third less memory); float32 otherwise."
         },
     )
     png_compress_level: int = field(
@@ -66,6 +87,14 @@ class Settings:
     )
     log_prompts: bool = field(
         default=False, metadata={"help": "Log prompt texts (debugging only; off by default)."}
+    )
+    safety_checker: str = field(
+        default="block",
+        metadata={
+            "help": "When the model folder ships a `safety_checker/`: `block` replaces a flagged "
+            "image with a black one and says so, `flag` returns it with the flag, `off` never "
+            "loads the checker. Without one, nothing is checked."
+        },
     )
     # Speed switches. Each one was measured by scripts/benchmark.py; see the README.
     warmup: str = field(
@@ -112,6 +141,10 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError("SD_PNG_COMPRESS_LEVEL must be from 0 to 9")
+        if self.safety_checker not in SAFETY_MODES:
+            raise ValueError(
+                f"SD_SAFETY_CHECKER={self.safety_checker!r} is not one of {', '.join(SAFETY_MODES)}"
+            )
         if self.compile not in COMPILE_MODES:
             raise ValueError(
                 f"SD_COMPILE={self.compile!r} is not one of {', '.join(COMPILE_MODES)}"

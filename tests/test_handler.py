@@ -37,7 +37,18 @@ def test_loads_like_the_runtime_on_cpu_in_float32(handler):
 
 def test_defaults_give_a_png_of_the_native_size(handler):
     response = handler({"inputs": "a red circle on a white background"})
-    assert set(response) == {"image", "seed", "parameters", "warnings"}
+    assert set(response) == {
+        "image",
+        "images",
+        "seed",
+        "seeds",
+        "parameters",
+        "warnings",
+        "nsfw_content_detected",
+    }
+    assert response["images"] == [response["image"]]
+    assert response["seeds"] == [response["seed"]]
+    assert response["nsfw_content_detected"] is None  # no checker ships with this model
     image = decode_image(response["image"])
     assert image.format == "PNG"
     assert image.size == handler.engine.native_size[::-1]
@@ -112,9 +123,9 @@ def test_default_scheduler_is_the_model_folders_own(handler, repo_root):
     assert type(handler.engine.new_scheduler("default")).__name__ == config["_class_name"]
 
 
-def test_warns_when_the_prompt_is_cut_to_77_tokens(handler):
-    response = handler({"inputs": "a red circle " * 20, **FAST})
-    assert any("77 tokens" in w for w in response["warnings"])
+def test_a_prompt_past_77_tokens_is_used_whole_without_a_warning(handler):
+    response = handler({"inputs": "a red circle " * 20, **FAST})  # 200 tokens: 3 chunks
+    assert response["warnings"] == []
 
 
 def test_warns_that_negative_prompt_needs_guidance(handler):
@@ -150,6 +161,28 @@ BAD_REQUESTS = [
         {"inputs": "x", "height": 1024, "width": 1024, "inference_steps": 100},
         ["height × width × steps", "limit"],
     ),
+    (
+        # Within the work limit as one image (20,971,520), over it as three.
+        {
+            "inputs": "x",
+            "height": 1024,
+            "width": 1024,
+            "inference_steps": 20,
+            "num_images_per_prompt": 3,
+        },
+        ["height × width × steps × images", "62,914,560", "num_images_per_prompt"],
+    ),
+    (
+        {"inputs": "x", "num_images_per_prompt": 0},
+        ["`num_images_per_prompt`", "greater than or equal to 1"],
+    ),
+    (
+        {"inputs": "x", "num_images_per_prompt": 5},
+        ["`num_images_per_prompt`", "less than or equal to 4"],
+    ),
+    ({"inputs": "x", "num_images_per_prompt": True}, ["`num_images_per_prompt`", "boolean"]),
+    ({"inputs": "x", "metadata": "yes"}, ["`metadata`", "true or false"]),
+    ({"inputs": "x", "metadata": 1}, ["`metadata`", "true or false"]),
     ({"inputs": "x", "guidance_scale": float("nan")}, ["`guidance_scale`", "finite"]),
     ({"inputs": "x", "guidance_scale": float("inf")}, ["`guidance_scale`", "finite"]),
     ({"inputs": "x", "guidance_scale": -1}, ["`guidance_scale`", "greater than or equal to 0"]),
@@ -162,7 +195,7 @@ BAD_REQUESTS = [
     ),
     ({"inputs": "x", "inference_steps": 5, "num_inference_steps": 5}, ["same field"]),
     ({"inputs": "x", "negative_prompt": 3}, ["`negative_prompt`", "string"]),
-    ({"inputs": "x" * 5000}, ["`inputs`", "at most 2000"]),
+    ({"inputs": "x" * 5000}, ["`inputs`", "at most 4000"]),
     ({"inputs": "x", "seed": -1}, ["`seed`", "greater than or equal to 0"]),
     ({"inputs": "x", "seed": 2**32}, ["`seed`", "4294967295"]),
     ({"inputs": "x", "seed": "42"}, ["`seed`", "integer"]),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import faulthandler
 import json
+import logging
 import os
 import re
 import time
@@ -24,6 +25,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from sd_endpoint import samplers
 from sd_endpoint.loader import REPO_ROOT, load_handler
 from sd_endpoint.schema import DEFAULT_GUIDANCE, DEFAULT_STEPS, FORMATS, MAX_SEED, SCHEDULERS
 from tests.conftest import decode_image
@@ -38,6 +40,10 @@ TIGHT_ENV = {
     "SD_MAX_WORK": "10240",
     "SD_MAX_GUIDANCE": "12",
     "SD_MAX_PROMPT_CHARS": "300",
+    # 225 tokens: the valid prompts drawn (40 characters of up to 4 UTF-8 bytes, a token each
+    # for the shipped tokenizer) always fit.
+    "SD_MAX_PROMPT_CHUNKS": "3",
+    "SD_MAX_IMAGES": "2",
     "SD_WARMUP": "",
     # The examples' tensors are tiny: a second thread only adds spin-waiting, which costs 10x
     # on a CPU that other jobs share.
@@ -52,8 +58,11 @@ FIELDS = (
     "num_inference_steps",
     "inference_steps",
     "seed",
+    "num_images_per_prompt",
     "scheduler",
     "output_format",
+    "clip_skip",
+    "metadata",
 )
 # A rejection is validation only: milliseconds. The bound is ~100x that so a loaded shared
 # machine does not flake, while a rejection that does real work (or hangs) still fails.
@@ -172,9 +181,20 @@ def valid_values(limits) -> dict[str, st.SearchStrategy]:
         "num_inference_steps": st.one_of(steps, steps.map(float)),
         "inference_steps": steps,
         "seed": st.one_of(st.none(), st.integers(0, MAX_SEED)),
-        "scheduler": st.sampled_from(SCHEDULERS),
+        "num_images_per_prompt": st.integers(1, limits.max_images),
+        # Either name of a sampler, in any case.
+        "scheduler": st.one_of(
+            st.sampled_from(SCHEDULERS),
+            st.sampled_from(samplers.A1111_NAMES).map(lambda n: draw_case(n)),
+        ),
         "output_format": st.sampled_from(FORMATS),
+        "clip_skip": st.sampled_from([1, 2, 1.0, 2.0]),
+        "metadata": st.booleans(),
     }
+
+
+def draw_case(name: str) -> str:
+    return name if len(name) % 2 else name.upper()
 
 
 def hostile_values(limits) -> st.SearchStrategy:
@@ -317,20 +337,32 @@ class Prober:
 
     def check_image(self, body, response) -> None:
         limits, parameters = self.limits, response["parameters"]
-        assert set(response) == {"image", "seed", "parameters", "warnings"}
+        assert set(response) == {
+            "image",
+            "images",
+            "seed",
+            "seeds",
+            "parameters",
+            "warnings",
+            "nsfw_content_detected",
+        }
         json.dumps(response, ensure_ascii=False).encode("utf-8")
         height, width = parameters["height"], parameters["width"]
-        steps = parameters["num_inference_steps"]
+        steps, count = parameters["num_inference_steps"], parameters["num_images_per_prompt"]
         assert limits.min_side <= min(height, width) and max(height, width) <= limits.max_side
         assert height % 8 == 0 and width % 8 == 0
         assert height * width <= limits.max_pixels
         assert 1 <= steps <= limits.max_steps
-        assert height * width * steps <= limits.max_work
+        assert 1 <= count <= limits.max_images
+        assert height * width * steps * count <= limits.max_work
         assert 0 <= parameters["guidance_scale"] <= limits.max_guidance
         assert 0 <= response["seed"] == parameters["seed"] <= MAX_SEED
-        image = decode_image(response["image"])
-        assert image.size == (width, height)
-        assert image.format == parameters["output_format"].upper()
+        assert response["seeds"] == [(response["seed"] + i) % (MAX_SEED + 1) for i in range(count)]
+        assert len(response["images"]) == count and response["images"][0] == response["image"]
+        for payload in response["images"]:
+            image = decode_image(payload)
+            assert image.size == (width, height)
+            assert image.format == parameters["output_format"].upper()
         # What was sent is what was used; what was not sent got the documented default.
         sent = sent_fields(body)
         if "inference_steps" in sent:
@@ -343,7 +375,12 @@ class Prober:
             "guidance_scale": min(DEFAULT_GUIDANCE, limits.max_guidance),
             "scheduler": "default",
             "output_format": "png",
+            "num_images_per_prompt": 1,
+            "clip_skip": 1,
+            "metadata": True,
         }
+        if sent.get("scheduler") is not None:
+            sent["scheduler"] = samplers.canonical(sent["scheduler"])
         for name, default in defaults.items():
             expected = default if sent.get(name) is None else sent[name]
             assert parameters[name] == expected, f"{name}: sent {sent.get(name)!r}"
@@ -408,6 +445,81 @@ def test_any_json_value_in_any_field_of_a_valid_request(tight, name, value, stan
 def test_bodies_that_are_not_objects_are_refused(tight, value):
     outcome = tight.check(value)
     assert outcome.kind == "rejected" and "JSON object" in outcome.message
+
+
+# ---------------------------------------------------------------- prompts stay private
+
+# The hosted runtime logs the message of every error the handler raises: no part of a prompt
+# may be in one. Markers are spelled in letters no message uses, so any four of them in a row
+# in a message can only have come from the prompt.
+MARKER_LETTERS = "qxzjQXZJ"
+markers = st.text(st.sampled_from(MARKER_LETTERS), min_size=8, max_size=24)
+PART = 4
+
+
+def carrying(marker: str, limits) -> st.SearchStrategy:
+    """Values holding ``marker``, most of them bad for a text field."""
+    too_long = marker * (limits.max_prompt_chars // len(marker) + 1)
+    return st.sampled_from(
+        [marker, f" {marker} ", too_long, [marker], {marker: marker}, {"text": too_long}]
+    )
+
+
+def quoted_parts(marker: str, text: str, elsewhere: str = "") -> list[str]:
+    """The runs of ``marker`` found in ``text``, but for those the rest of the body holds too
+    (an unknown key drawn as "JJJJ" may be quoted)."""
+    parts = {marker[i : i + PART] for i in range(len(marker) - PART + 1)}
+    return sorted(p for p in parts if p in text and p not in elsewhere)
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+@PROPERTY
+@given(data=st.data())
+def test_no_part_of_a_prompt_is_in_an_error_message_or_the_log(tight, data):
+    body = data.draw(bodies(tight.limits), label="body")
+    marker = data.draw(markers, label="marker")
+    elsewhere = json.dumps(body, ensure_ascii=False)
+    if isinstance(body, dict):
+        for name in data.draw(
+            st.lists(st.sampled_from(["inputs", "negative_prompt"]), min_size=1, unique=True)
+        ):
+            target = body
+            if (
+                name != "inputs"
+                and isinstance(body.get("parameters"), dict)
+                and data.draw(st.booleans())
+            ):
+                target = body["parameters"]
+            target[name] = data.draw(carrying(marker, tight.limits))
+    records = Records()
+    logging.getLogger().addHandler(records)
+    try:
+        outcome = tight.check(body)
+    finally:
+        logging.getLogger().removeHandler(records)
+    event(outcome.kind)
+    assert quoted_parts(marker, outcome.message, elsewhere) == [], outcome.message[:300]
+    assert quoted_parts(marker, "\n".join(records.lines), elsewhere) == []
+
+
+def test_the_privacy_check_sees_a_quoted_prompt():
+    assert quoted_parts("qxzjQXZJ", "`inputs` is too long (got 'qxzjQ...')") == ["qxzj", "xzjQ"]
+
+
+def test_an_over_long_prompt_is_refused_with_its_length_not_its_text(tight):
+    outcome = tight.check({"inputs": "qxzj" * 100, "negative_prompt": ["qxzj"]})
+    assert outcome.kind == "rejected"
+    assert "`inputs`" in outcome.message and "text of 400 characters" in outcome.message
+    assert "`negative_prompt`" in outcome.message and "an array of 1 item" in outcome.message
+    assert "qxzj" not in outcome.message
 
 
 # ---------------------------------------------------------------- a fixed catalogue
@@ -521,6 +633,21 @@ OVER_LIMIT = [
         {"height": 64, "width": 64, "inputs": "a" * 301},
         ["`inputs`", "at most 300 characters"],
     ),
+    (
+        "SD_MAX_PROMPT_CHUNKS",
+        {"height": 64, "width": 64, "inputs": "a" * 226},
+        ["`inputs` has 226 tokens", "at most 3 chunks"],
+    ),
+    (
+        "SD_MAX_IMAGES",
+        {"height": 64, "width": 64, "num_images_per_prompt": 3},
+        ["`num_images_per_prompt`", "less than or equal to 2"],
+    ),
+    (
+        "SD_MAX_WORK",
+        {"height": 64, "width": 64, "num_inference_steps": 2, "num_images_per_prompt": 2},
+        ["× images", "16,384", "limit of 10,240"],
+    ),
 ]
 
 
@@ -537,6 +664,7 @@ def test_a_request_over_a_limit_is_refused_stating_the_limit_its_variable_sets(
     assert variable in TIGHT_ENV
     response = handler(body)
     assert decode_image(response["image"]).size == (body["width"], body["height"])
+    assert len(response["images"]) == body.get("num_images_per_prompt", 1)
 
 
 def test_a_side_under_the_minimum_is_refused_and_sd_min_side_lowers_it(tight, handler):

@@ -231,10 +231,17 @@ def test_openapi_describes_both_request_forms_from_the_handlers_request_model(re
     assert set(nested["properties"]) == set(accepted_fields(model)) - {"inputs"}
     assert set(schemas["GenerationResponse"]["properties"]) == {
         "image",
+        "images",
         "seed",
+        "seeds",
         "parameters",
         "warnings",
+        "nsfw_content_detected",
     }
+    # The echoed parameters are the request's fields, every one, the prompt aside.
+    used = schemas["UsedParameters"]
+    assert set(used["properties"]) == set(model.model_fields) - {"inputs"}
+    assert set(used["required"]) == set(used["properties"])
 
 
 # --- logs -------------------------------------------------------------------------------------
