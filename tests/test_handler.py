@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sd_endpoint.schema import DEFAULT_GUIDANCE, DEFAULT_STEPS, SCHEDULERS
+from sd_endpoint.schema import DEFAULT_GUIDANCE, DEFAULT_STEPS, SCHEDULERS, GenerationResponse
 from tests.conftest import decode_image
 
 FAST = {"inference_steps": 4}  # enough steps to exercise the sampler, few enough to be quick
@@ -37,15 +37,7 @@ def test_loads_like_the_runtime_on_cpu_in_float32(handler):
 
 def test_defaults_give_a_png_of_the_native_size(handler):
     response = handler({"inputs": "a red circle on a white background"})
-    assert set(response) == {
-        "image",
-        "images",
-        "seed",
-        "seeds",
-        "parameters",
-        "warnings",
-        "nsfw_content_detected",
-    }
+    assert set(response) == set(GenerationResponse.model_fields)
     assert response["images"] == [response["image"]]
     assert response["seeds"] == [response["seed"]]
     assert response["nsfw_content_detected"] is None  # no checker ships with this model

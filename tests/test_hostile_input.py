@@ -27,7 +27,14 @@ from hypothesis import strategies as st
 
 from sd_endpoint import samplers
 from sd_endpoint.loader import REPO_ROOT, load_handler
-from sd_endpoint.schema import DEFAULT_GUIDANCE, DEFAULT_STEPS, FORMATS, MAX_SEED, SCHEDULERS
+from sd_endpoint.schema import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    FORMATS,
+    MAX_SEED,
+    SCHEDULERS,
+    GenerationResponse,
+)
 from tests.conftest import decode_image
 
 # Tight limits, each different from its default so that the tests below can tell that the
@@ -337,15 +344,7 @@ class Prober:
 
     def check_image(self, body, response) -> None:
         limits, parameters = self.limits, response["parameters"]
-        assert set(response) == {
-            "image",
-            "images",
-            "seed",
-            "seeds",
-            "parameters",
-            "warnings",
-            "nsfw_content_detected",
-        }
+        assert set(response) == set(GenerationResponse.model_fields)
         json.dumps(response, ensure_ascii=False).encode("utf-8")
         height, width = parameters["height"], parameters["width"]
         steps, count = parameters["num_inference_steps"], parameters["num_images_per_prompt"]
