@@ -19,6 +19,7 @@ Its export to OpenVINO IR is cached beside the model folder and timed on the fir
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -44,6 +45,20 @@ MEMORY_HEADROOM = 1.15
 
 # --------------------------------------------------------------------------------------------
 # In the child: one contender.
+
+
+def _request(pipe, size: int, steps: int, output_type: str = "pil"):
+    """One seeded request of ``steps`` steps, the same for every contender."""
+    import torch
+
+    return pipe(
+        PROMPT,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type=output_type,
+    ).images[0]
 
 
 def _stamp_calls(module, stamps: list[float]) -> None:
@@ -111,15 +126,7 @@ def child_stock(model: Path, size: int, steps: int) -> dict:
     stamps: list[float] = []
     _stamp_calls(pipe.unet, stamps)
 
-    def call(n, output_type="pil"):
-        return pipe(
-            PROMPT,
-            height=size,
-            width=size,
-            num_inference_steps=n,
-            generator=torch.Generator("cpu").manual_seed(SEED),
-            output_type=output_type,
-        ).images[0]
+    call = functools.partial(_request, pipe, size)
 
     # One short call first, as the handler warms up, so that the timed call pays no
     # first-call costs of the UNet; the decoder's (milliseconds in eager float32) stay in.
@@ -168,7 +175,6 @@ def child_handler(model: Path, size: int, steps: int) -> dict:
 
 def child_openvino(model: Path, size: int, steps: int) -> dict:
     """optimum-intel's OVStableDiffusionPipeline, static shapes (its documented fast path)."""
-    import torch
     from optimum.intel import OVStableDiffusionPipeline
 
     _same_threads_as_the_handler()
@@ -190,15 +196,7 @@ def child_openvino(model: Path, size: int, steps: int) -> dict:
     stamps: list[float] = []
     _stamp_calls(pipe.unet, stamps)
 
-    def call(n, output_type="pil"):
-        return pipe(
-            PROMPT,
-            height=size,
-            width=size,
-            num_inference_steps=n,
-            generator=torch.Generator("cpu").manual_seed(SEED),
-            output_type=output_type,
-        ).images[0]
+    call = functools.partial(_request, pipe, size)
 
     call(1, "latent")  # OpenVINO compiled every model already; this warms its caches
     load_peak = _status_bytes("VmHWM")
