@@ -30,9 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmark import PROMPT, SEED, bare_call  # this folder is on sys.path
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "a red circle on a white background"
-SEED = 1234
 DEFAULT_MODEL = Path(tempfile.gettempdir()) / "sd15-random"
 OPENVINO_PYTHON = REPO_ROOT / ".venv-openvino" / "bin" / "python"
 # intel-spr instance sizes (vCPUs) on Inference Endpoints; each vCPU comes with 2 GB.
@@ -48,17 +48,8 @@ MEMORY_HEADROOM = 1.15
 
 
 def _request(pipe, size: int, steps: int, output_type: str = "pil"):
-    """One seeded request of ``steps`` steps, the same for every contender."""
-    import torch
-
-    return pipe(
-        PROMPT,
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        generator=torch.Generator("cpu").manual_seed(SEED),
-        output_type=output_type,
-    ).images[0]
+    """One seeded request of ``steps`` steps: benchmark.py's bare call, for every contender."""
+    return bare_call(pipe, size, steps, output_type)[0]
 
 
 def _stamp_calls(module, stamps: list[float]) -> None:
