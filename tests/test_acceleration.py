@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,10 @@ def test_cuda_auto_stays_float16():
 def bench_module():
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_sd15_cpu.py"
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    if str(scripts) not in sys.path:  # as when the script runs: it imports benchmark.py beside it
+        sys.path.insert(0, str(scripts))
+    path = scripts / "bench_sd15_cpu.py"
     spec = importlib.util.spec_from_file_location("bench_sd15_cpu", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
