@@ -50,35 +50,24 @@ def tiny_checker() -> tuple[StableDiffusionSafetyChecker, CLIPImageProcessor]:
     return StableDiffusionSafetyChecker(config).eval(), processor
 
 
-def embed(checker, processor, images) -> torch.Tensor:
+def flag_the_most_distinct(checker, processor, images) -> int:
+    """Make ``checker`` flag one image and no other: the one least like any other (the shipped
+    model draws a prompt much alike across seeds, so which one is the model's). Returns it."""
     with torch.no_grad():
         pixels = processor(images, return_tensors="pt").pixel_values
-        return checker.visual_projection(checker.vision_model(pixels)[1])
-
-
-def most_distinct(checker, processor, images) -> int:
-    """The index of the image least like any other, the one the checker can tell apart alone.
-    (The shipped model draws a prompt much alike across seeds, so which one is the model's.)"""
-    embeds = embed(checker, processor, images)
-    similar = cosine_distance(embeds, embeds).fill_diagonal_(-1)
-    return int(similar.max(dim=1).values.argmin())
-
-
-def flag_exactly(checker, processor, images, chosen: set[int]) -> None:
-    """Make ``checker`` flag the images at ``chosen`` indices and no other."""
-    with torch.no_grad():
-        embeds = embed(checker, processor, images)
-        similar = cosine_distance(embeds, embeds)
+        embeds = checker.visual_projection(checker.vision_model(pixels)[1])
+        similar = cosine_distance(embeds, embeds).fill_diagonal_(-1)
+        nearest = similar.max(dim=1).values  # each image's likeness to its closest other
+        chosen = int(nearest.argmin())
+        closest = nearest[chosen].item()
+        # The checker rounds its scores to 3 decimals: leave room on both sides.
+        assert 1 - closest > 0.004, f"image {chosen} is too like another to flag alone"
         checker.concept_embeds.fill_(0)
         checker.concept_embeds_weights.fill_(NEVER)
         checker.special_care_embeds_weights.fill_(NEVER)
-        for slot, i in enumerate(sorted(chosen)):
-            others = [similar[i, j].item() for j in range(len(images)) if j not in chosen]
-            closest = max(others, default=0.0)
-            # The checker rounds its scores to 3 decimals: leave room on both sides.
-            assert 1 - closest > 0.004, f"image {i} is too like another to flag alone"
-            checker.concept_embeds[slot] = embeds[i]
-            checker.concept_embeds_weights[slot] = (1 + closest) / 2
+        checker.concept_embeds[0] = embeds[chosen]
+        checker.concept_embeds_weights[0] = (1 + closest) / 2
+    return chosen
 
 
 def model_folder(tmp_path, checker=None, processor=None):
@@ -117,8 +106,7 @@ def flagging_one(tmp_path_factory, unchecked):
     """A model folder whose checker flags one of REQUEST's three images (and which one)."""
     checker, processor = tiny_checker()
     images = [decode_image(p).convert("RGB") for p in unchecked["images"]]
-    flagged = most_distinct(checker, processor, images)
-    flag_exactly(checker, processor, images, {flagged})
+    flagged = flag_the_most_distinct(checker, processor, images)
     return model_folder(tmp_path_factory.mktemp("flagging"), checker, processor), flagged
 
 
