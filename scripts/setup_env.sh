@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 venv=$1
 constraints=${2:-}
 requirements=${3:-requirements-dev.txt}
-torch_spec=${SD_TORCH_SPEC:-torch==2.13.0}
+# torch comes from the constraints file where it pins one (the base image's own), else the CPU
+# build of the newest release the suite is measured with.
+pinned_torch=$( [ -n "$constraints" ] && grep -E '^torch==' "$constraints" || true)
+torch_spec=${SD_TORCH_SPEC:-${pinned_torch:-torch==2.13.0}}
 
 stamp_of() { cat "$requirements" requirements*.txt ${constraints:+"$constraints"} | sha256sum | cut -c1-16; echo "$torch_spec"; }
 if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.stamp" 2>/dev/null)" = "$(stamp_of)" ]; then
