@@ -565,7 +565,7 @@ def measured(*command: str | Path, cwd: Path = REPO_ROOT) -> tuple[dict, str]:
 @pytest.mark.parametrize("fixture, native", [("sd15", 512), ("sd21-768", 768)])
 def test_full_size_single_file_imports_and_serves(tmp_path, fixture, native):
     """SD 1.5's and SD 2.1-768's exact architectures (random weights) as single files,
-    imported and served through the handler: the figures of the README come from here
+    imported and served through the handler: the figures of docs/import.md come from here
     (`flock /tmp/heavy.lock pytest -m slow -s tests/test_import.py -k full_size`)."""
     checkpoint = tmp_path / f"{fixture}.safetensors"
     made, _ = measured(
