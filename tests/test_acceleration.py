@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,41 +69,3 @@ def test_auto_is_bfloat16_only_for_a_full_size_model_on_a_fast_bfloat16_cpu(
 
 def test_cuda_auto_stays_float16():
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
-
-
-def bench_module():
-    import importlib.util
-
-    scripts = Path(__file__).resolve().parent.parent / "scripts"
-    if str(scripts) not in sys.path:  # as when the script runs: it imports benchmark.py beside it
-        sys.path.insert(0, str(scripts))
-    path = scripts / "bench_sd15_cpu.py"
-    spec = importlib.util.spec_from_file_location("bench_sd15_cpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_intel_spr_sizing_keeps_headroom_over_the_peak():
-    bench = bench_module()
-    assert bench.smallest_instance(5.4e9) == "x4 (8 GB)"  # bfloat16 SD 1.5 (issue 11)
-    assert bench.smallest_instance(8.1e9) == "x8 (16 GB)"  # float32: 8 GB leaves no room
-    assert bench.smallest_instance(40e9).startswith("none")
-
-
-def test_step_stamps_split_a_request_into_steps_and_fixed_costs(handler):
-    bench = bench_module()
-    unet = handler.engine.pipe.unet
-    original = type(unet)
-    stamps: list[float] = []
-    bench._stamp_calls(unet, stamps)
-    try:
-        request = {"inputs": "a red circle", "seed": 3, "num_inference_steps": 4}
-        timing = bench._timed_request(lambda: handler(request), stamps, 4)
-    finally:
-        unet.__class__ = original
-    assert len(timing["step_times"]) == 3
-    assert timing["step_median"] > 0 and 0 < timing["fixed"] < timing["total"]
-    assert timing["fixed"] + sum(timing["step_times"]) + timing["step_median"] == pytest.approx(
-        timing["total"]
-    )

@@ -6,24 +6,10 @@ same code with fewer requests.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 from servers import LocalServer, scripted_folder
 
-from sd_endpoint.loader import REPO_ROOT
-
-
-def load_soak():
-    spec = importlib.util.spec_from_file_location("soak", REPO_ROOT / "scripts" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = load_soak()
+from benchmarks import soak
 
 
 def test_short_soak_no_5xx_identical_bytes_bounded_memory_and_a_clean_sigterm(
