@@ -58,11 +58,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from . import page
+from . import families, page
 from .imaging import MEDIA_TYPES, encode
 from .loader import REPO_ROOT, load_handler
 from .schema import ALIASES, ErrorResponse, GenerationResponse, request_model
-from .settings import Settings
+from .settings import Limits, Settings
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"  # the runtime's
 TOKEN_VARIABLE = "SD_API_TOKEN"
@@ -234,7 +234,7 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[], None] = lambd
             },
         )
 
-    limits = Settings.from_env().limits
+    limits = served_limits(config.model_dir)
     page.add_routes(app, limits)
 
     def openapi() -> dict:
@@ -301,6 +301,15 @@ HEALTH_RESPONSES: dict[int | str, dict] = {
     503: {"model": ErrorResponse, "description": "The model is loading, or failed to load."},
 }
 IMAGE_FORMATS = {media: fmt for fmt, media in MEDIA_TYPES.items()}
+
+
+def served_limits(model_dir: Path) -> Limits:
+    """The limits the handler will apply: the variables', over the model family's defaults."""
+    try:
+        family_limits = families.detect(model_dir).limits
+    except families.UnsupportedModelError:
+        family_limits = {}  # the handler, loading, says what is wrong with the folder
+    return Settings.from_env(limit_defaults=family_limits).limits
 
 
 def request_schemas(limits) -> dict[str, dict]:
