@@ -60,6 +60,6 @@ class Family:
 
     def native_size(self, pipe) -> tuple[int, int]:
         """(height, width) the model was trained at: its UNet's latent size in pixels (512 for
-        SD 1.5, 768 for SD 2.x at v-prediction, 1024 for SDXL)."""
+        SD 1.5, 768 for SD 2.x's 768-v, 1024 for SDXL)."""
         side = pipe.unet.config.sample_size * pipe.vae_scale_factor
         return (side, side)
