@@ -19,7 +19,7 @@ from typing import Any
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sd_endpoint import safety, samplers  # noqa: E402
+from sd_endpoint import families, safety, samplers  # noqa: E402
 from sd_endpoint.engine import Engine  # noqa: E402
 from sd_endpoint.imaging import a1111_parameters, encode, to_base64  # noqa: E402
 from sd_endpoint.schema import parse_request  # noqa: E402
@@ -30,9 +30,11 @@ log = logging.getLogger("sd_endpoint.handler")
 
 class EndpointHandler:
     def __init__(self, path: str = "", settings: Settings | None = None):
-        self.settings = settings or Settings.from_env()
         path = path or Path(__file__).parent
-        self.engine = Engine(path, self.settings)
+        # Which model family the folder holds (SD 1.x/2.x...) is read from it, never configured.
+        family = families.detect(path)
+        self.settings = settings or Settings.from_env(limit_defaults=family.limits)
+        self.engine = Engine(path, self.settings, family)
         self.safety = safety.load(
             path, self.settings.safety_checker, self.engine.device, self.engine.dtype
         )

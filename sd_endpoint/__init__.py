@@ -5,5 +5,6 @@
 * ``settings``: every knob, read once from environment variables.
 * ``schema``: the request and response models (validation, errors, docs, OpenAPI).
 * ``engine``: loading the pipeline and generating one image.
+* ``families``: what differs between model families, read from the model folder.
 * ``imaging``: turning the image into PNG/JPEG/WebP bytes.
 """

@@ -1,4 +1,8 @@
-"""Loading the Stable Diffusion pipeline once, and generating one image per call."""
+"""Loading the model's pipeline once, and generating one image per call.
+
+What differs between model families (the pipeline class, its text inputs, its native size) is
+read from the folder's family (``families``); nothing here branches on it.
+"""
 
 from __future__ import annotations
 
@@ -14,23 +18,23 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from diffusers import StableDiffusionPipeline
 from packaging.version import Version
 from PIL import Image
 
-from . import samplers
+from . import families, samplers
 from .acceleration import auto_cpu_dtype, warn_if_slow_bfloat16
-from .prompts import PromptEncoder
+from .families import Family
 from .schema import GenerationRequest, parse_request
 from .settings import Settings
 from .weights import check_loaded
 
 log = logging.getLogger(__name__)
 
-# The stock pipeline logs the cut-off part of a long prompt as a warning, and prompts never
+# The stock pipelines log the cut-off part of a long prompt as a warning, and prompts never
 # go to the logs here. This endpoint encodes prompts itself (prompts.py) and cuts nothing, but
-# the pipeline stays quiet should any path reach its own encoding.
-logging.getLogger(StableDiffusionPipeline.__module__).setLevel(logging.ERROR)
+# the pipelines stay quiet should any path reach their own encoding.
+for _family in families.FAMILIES:
+    logging.getLogger(_family.pipeline_class.__module__).setLevel(logging.ERROR)
 
 # Request-selectable samplers (declared in samplers.py), built from the model's own scheduler
 # config (betas, offsets).
@@ -39,7 +43,6 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Steps of each warm-up generation: a multistep sampler's first and later steps, and enough
 # UNet calls for torch.compile (and CUDA graphs, which record on a later call) to settle.
 WARMUP_STEPS = 3
-WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 
 
 class InsufficientMemoryError(ValueError):
@@ -83,17 +86,12 @@ def resolve_dtype(name: str, device: torch.device, model_dir: Path | None = None
     return dtypes[name]
 
 
-def check_weights(path: Path) -> None:
-    """Refuse a folder that is not a diffusers model, or whose weights are pickles.
+def check_weights(path: Path, components: tuple[str, ...]) -> None:
+    """Refuse a folder whose weighted ``components`` hold pickles rather than safetensors.
 
     Unpickling runs arbitrary code, so weights are read only from safetensors files.
     """
-    if not (path / "model_index.json").is_file():
-        raise RuntimeError(
-            f"{path} holds no model_index.json: it must be a diffusers model folder "
-            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-        )
-    for name in WEIGHTED_COMPONENTS:
+    for name in components:
         files = [p.name for p in (path / name).glob("*") if p.is_file()]
         if any(f.endswith(".safetensors") for f in files):
             continue
@@ -113,11 +111,15 @@ def _dtype_argument(dtype: torch.dtype) -> dict:
 
 
 class Engine:
-    """One loaded pipeline; ``generate`` may be called from any number of threads."""
+    """One loaded pipeline; ``generate`` may be called from any number of threads.
 
-    def __init__(self, path: str | Path, settings: Settings):
+    ``family`` is the folder's own (``families.detect``) unless given.
+    """
+
+    def __init__(self, path: str | Path, settings: Settings, family: Family | None = None):
         path = Path(path)
-        check_weights(path)
+        self.family = family or families.detect(path)
+        check_weights(path, self.family.weighted_components)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device, path)
         warn_if_slow_bfloat16(self.dtype, self.device)
@@ -128,13 +130,11 @@ class Engine:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         started = time.perf_counter()
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = self.family.pipeline_class.from_pretrained(
             path,
             use_safetensors=True,
             local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **self.family.load_options,
             **_dtype_argument(self.dtype),
         )
         check_loaded(pipe, path)  # transformers random-inits unmatched weights, warning only
@@ -147,13 +147,10 @@ class Engine:
         self.pipe = pipe
         # Prompts of any length, AUTOMATIC1111's emphasis and clip skip, instead of the
         # pipeline's own encode_prompt (77 tokens at most).
-        self.prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+        self.prompts = self.family.prompt_encoder(pipe)
         # Requests swap in their own scheduler; keep the folder's own to build "default" from.
         self.default_scheduler = (type(pipe.scheduler), pipe.scheduler.config)
-        self.native_size = (
-            pipe.unet.config.sample_size * pipe.vae_scale_factor,
-            pipe.unet.config.sample_size * pipe.vae_scale_factor,
-        )
+        self.native_size = self.family.native_size(pipe)
         # One request at a time uses the modules: diffusers schedulers keep per-call state and
         # fast tokenizers refuse concurrent use ("Already borrowed"), and a single device gains
         # nothing from interleaving two generations. Each call also gets a fresh scheduler, so
@@ -246,7 +243,7 @@ class Engine:
 
         clock = _Clock(self.device)
         # Checks the prompts' length (PromptTooLongError) before any forward pass.
-        prompt_embeds, negative_embeds = self.prompts.encode(
+        conditioning = self.prompts.encode(
             request.prompt,
             request.negative_prompt,
             guided=guided,
@@ -255,8 +252,7 @@ class Engine:
         )
         clock.lap("text_encoding")
         latents = pipe(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
+            **conditioning.kwargs(),
             height=request.height,
             width=request.width,
             num_inference_steps=request.num_inference_steps,

@@ -33,7 +33,7 @@ A prompt of one chunk without emphasis gives the same embeddings, bit for bit, a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -134,6 +134,22 @@ class Tokenized:
     tokens: int  # the prompt's own tokens, without the special and padding ones
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """What the text encoder gives the pipeline for one request.
+
+    The field names are the pipeline's own keyword arguments: a family whose pipeline takes
+    more text inputs (SDXL's pooled embeddings) adds them as fields of a subclass.
+    """
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None  # None without guidance
+
+    def kwargs(self) -> dict[str, torch.Tensor | None]:
+        """The pipeline call's text inputs, by keyword."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 class PromptTooLongError(ValueError):
     """A prompt needs more chunks than the limit allows; raised before any encoding."""
 
@@ -231,7 +247,7 @@ class PromptEncoder:
         clip_skip: int = 1,
         max_chunks: int,
         names: tuple[str, str] = ("inputs", "negative_prompt"),
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> Conditioning:
         """Embeddings of the prompt, and of the negative prompt when ``guided``.
 
         Both are ``(1, 77 * chunks, hidden)`` with the same number of chunks, in the text
@@ -244,9 +260,9 @@ class PromptEncoder:
         # Checked even without guidance, so that a request is valid or not whatever its scale.
         negative = self._checked(negative_prompt or "", names[1], max_chunks)
         if not guided:
-            return self.embed(positive.chunks, clip_skip), None
+            return Conditioning(self.embed(positive.chunks, clip_skip), None)
         count = max(len(positive.chunks), len(negative.chunks))
-        return (
+        return Conditioning(
             self.embed(self._padded(positive.chunks, count), clip_skip),
             self.embed(self._padded(negative.chunks, count), clip_skip),
         )

@@ -26,54 +26,63 @@ The model folder comes from ``--model-dir`` or ``SD_MODEL_DIR`` (default: this r
 the token from ``--token`` or ``SD_API_TOKEN`` (the variable keeps it out of ``ps``). It binds
 to loopback unless ``--host`` says otherwise, and warns when exposed with no token. Logs use the
 runtime's format, one access line per request; never the token, never a prompt.
+
+This module is the app, its routes and the command line; ``http_exchange`` holds the rules of
+the HTTP exchange (token, body size, content negotiation, error bodies, access log) and
+``api_spec`` the OpenAPI description.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
-import hmac
 import ipaddress
 import json
 import logging
 import os
-import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from . import page
-from .imaging import MEDIA_TYPES, encode
+from . import api_spec, families, page
+from .api_spec import HEALTH_RESPONSES
+from .http_exchange import (
+    IMAGE_FORMATS,
+    JSON,
+    AccessLog,
+    ask_for_format,
+    check_token,
+    error_response,
+    internal_error,
+    negotiate,
+    read_body,
+    render,
+    requested_format,
+)
+from .imaging import MEDIA_TYPES
 from .loader import REPO_ROOT, load_handler
-from .schema import ALIASES, ErrorResponse, GenerationResponse, request_model
-from .settings import Settings
+from .settings import Limits, Settings
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"  # the runtime's
 TOKEN_VARIABLE = "SD_API_TOKEN"
 MODEL_DIR_VARIABLE = "SD_MODEL_DIR"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-JSON = "application/json"
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for a request whose client left: nobody reads it
 
 log = logging.getLogger("sd_endpoint.server")
-access_log = logging.getLogger("sd_endpoint.server.access")
 
 
 @dataclass(frozen=True)
@@ -213,40 +222,14 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[], None] = lambd
             return internal_error("returned a response that could not be sent")
 
     for path in ("/", "/predict"):
-        app.add_api_route(
-            path,
-            predict,
-            methods=["POST"],
-            summary="Generate an image",
-            description=PREDICT_DESCRIPTION,
-            responses=PREDICT_RESPONSES,
-            openapi_extra={
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        JSON: {
-                            "schema": {"$ref": "#/components/schemas/TextToImageRequest"},
-                            "examples": REQUEST_EXAMPLES,
-                        }
-                    },
-                },
-                "security": [{"bearer": []}],
-            },
-        )
+        app.add_api_route(path, predict, methods=["POST"], **api_spec.PREDICT_ROUTE)
 
-    limits = Settings.from_env().limits
+    limits = served_limits(config.model_dir)
     page.add_routes(app, limits)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            spec = get_openapi(
-                title=app.title, version=app.version, summary=app.summary, routes=app.routes
-            )
-            spec.setdefault("components", {}).setdefault("schemas", {}).update(
-                request_schemas(limits)
-            )
-            spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            app.openapi_schema = spec
+            app.openapi_schema = api_spec.describe(app, limits)
         return app.openapi_schema
 
     app.openapi = openapi
@@ -254,228 +237,13 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[], None] = lambd
     return app
 
 
-PREDICT_DESCRIPTION = (
-    "Runs the handler on the JSON body. Fields may be given flat (the seed's form) or inside "
-    "`parameters` (Hugging Face's standard form), each field once. `Accept: image/png` (or "
-    "image/jpeg, image/webp) returns the raw image with its seed in `X-Seed`; otherwise JSON. "
-    "Needs `Authorization: Bearer <token>` when the server was started with a token."
-)
-REQUEST_EXAMPLES = {
-    "flat": {
-        "summary": "The seed's flat form",
-        "value": {"inputs": "a red circle on a white background", "height": 512, "width": 512,
-                  "guidance_scale": 7.5, "inference_steps": 25, "seed": 42},
-    },
-    "standard": {
-        "summary": "Hugging Face's standard form",
-        "value": {"inputs": "a red circle on a white background",
-                  "parameters": {"negative_prompt": "blue", "num_inference_steps": 25,
-                                 "seed": 42}},
-    },
-}  # fmt: skip
-_ERROR = {JSON: {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-PREDICT_RESPONSES: dict[int | str, dict] = {
-    200: {
-        "model": GenerationResponse,
-        "description": "The image and the seed and settings that reproduce it.",
-        "content": {
-            media: {"schema": {"type": "string", "format": "binary"}}
-            for media in MEDIA_TYPES.values()
-        },
-        "headers": {
-            "X-Seed": {
-                "description": "The seed (image responses only).",
-                "schema": {"type": "integer"},
-            }
-        },
-    },
-    400: {"model": ErrorResponse, "description": "A bad request: the message names the field."},
-    401: {"content": _ERROR, "description": "Missing or wrong bearer token."},
-    406: {"content": _ERROR, "description": "`Accept` names no type this request can return."},
-    413: {"content": _ERROR, "description": "The body is over the size limit."},
-    415: {"content": _ERROR, "description": "The body is not sent as application/json."},
-    500: {"content": _ERROR, "description": "The handler failed; the log has the traceback."},
-    503: {"content": _ERROR, "description": "The model is still loading."},
-}
-HEALTH_RESPONSES: dict[int | str, dict] = {
-    503: {"model": ErrorResponse, "description": "The model is loading, or failed to load."},
-}
-IMAGE_FORMATS = {media: fmt for fmt, media in MEDIA_TYPES.items()}
-
-
-def request_schemas(limits) -> dict[str, dict]:
-    """JSON schemas of the request body, in both forms, from the handler's request model."""
-    ref = "#/components/schemas/{model}"
-    flat = request_model(limits).model_json_schema(ref_template=ref)
-    properties = flat["properties"]
-    for alias, target in ALIASES.items():
-        properties[alias] = {
-            **{k: v for k, v in properties[target].items() if k != "default"},
-            "title": alias,
-            "description": f"The same as `{target}` under its older name; give only one.",
-        }
-    parameters = deepcopy(flat)
-    parameters["title"] = "TextToImageParameters"
-    parameters["description"] = "The generation settings of Hugging Face's standard form."
-    del parameters["properties"]["inputs"]
-    parameters["required"] = []
-    body = deepcopy(flat)
-    body["title"] = "TextToImageRequest"
-    body["description"] = (
-        "`inputs` (the prompt) and the settings, either at the top level or in `parameters`; "
-        "a field may be given in only one place."
-    )
-    body["properties"]["parameters"] = {"$ref": ref.format(model="TextToImageParameters")}
-    return {"TextToImageRequest": body, "TextToImageParameters": parameters}
-
-
-def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def internal_error(what: str) -> JSONResponse:
-    incident = secrets.token_hex(4)
-    log.exception("request %s %s", incident, what)
-    return error_response(
-        500, f"internal error in the handler (request {incident}); the server log has the details"
-    )
-
-
-def check_token(header: str | None, expected: str | None) -> JSONResponse | None:
-    """A 401 for a missing or wrong bearer token; None when the request may go on."""
-    if expected is None:
-        return None
-    scheme, _, given = (header or "").strip().partition(" ")
-    if not header:
-        message = "this server needs a token: send the header `Authorization: Bearer <token>`"
-    elif scheme.lower() != "bearer" or not given.strip():
-        message = "the Authorization header must be `Bearer <token>`"
-    elif hmac.compare_digest(given.strip().encode(), expected.encode()):
-        return None
-    else:
-        message = "the bearer token is not the one this server was started with"
-    challenge = 'Bearer realm="sd-endpoint"' + (', error="invalid_token"' if header else "")
-    return error_response(401, message, {"WWW-Authenticate": challenge})
-
-
-async def read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it is known to be over ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    chunks, size = [], 0
-    async for chunk in request.stream():  # a chunked body declares no length
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def requested_format(data: Any) -> str | None:
-    """The body's `output_format`, flat or in `parameters`, when it is one the server knows."""
-    if not isinstance(data, dict):
-        return None
-    parameters = data.get("parameters")
-    found = data.get("output_format")
-    if found is None and isinstance(parameters, dict):
-        found = parameters.get("output_format")
-    return found if isinstance(found, str) and found in MEDIA_TYPES else None
-
-
-def ask_for_format(data: Any, fmt: str) -> None:
-    """Make the handler encode the image type that the Accept header asked for."""
-    if not isinstance(data, dict):
-        return  # the handler will refuse the body itself
-    if isinstance(data.get("parameters"), dict):
-        data["parameters"]["output_format"] = fmt
-    else:
-        data["output_format"] = fmt
-
-
-def negotiate(accept: str | None, asked_format: str | None) -> str | None:
-    """The media type to answer with, or None when the Accept header allows none.
-
-    JSON unless the client prefers an image type (``requests`` sends ``*/*``, which gets JSON
-    as on the hosted runtime); the image type must match the body's `output_format` if it has
-    one.
-    """
-    ranges = []
-    for item in (accept or "*/*").split(","):
-        media, *params = (part.strip() for part in item.split(";"))
-        quality = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        if media:
-            ranges.append((media.lower(), quality))
-
-    def quality_of(offer: str) -> float:
-        # The most specific range that matches decides (RFC 9110, 12.5.1).
-        family = offer.split("/")[0] + "/*"
-        for pattern in (offer, family, "*/*"):
-            matched = [q for media, q in ranges if media == pattern]
-            if matched:
-                return max(matched)
-        return 0.0
-
-    images = [MEDIA_TYPES[asked_format]] if asked_format else list(MEDIA_TYPES.values())
-    best = max([JSON, *images], key=quality_of)  # the first of equals: JSON wins a tie
-    return best if quality_of(best) > 0 else None
-
-
-def render(result: Any, media_type: str) -> Response:
-    if media_type == JSON:
-        return JSONResponse(result)
-    if hasattr(result, "save"):  # a PIL image, as handlers written for image Accept return
-        return Response(encode(result, IMAGE_FORMATS[media_type]), media_type=media_type)
+def served_limits(model_dir: Path) -> Limits:
+    """The limits the handler will apply: the variables', over the model family's defaults."""
     try:
-        image = base64.b64decode(result["image"], validate=True)
-    except (TypeError, KeyError, binascii.Error):
-        raise TypeError("the handler's response holds no base64 `image` to send raw") from None
-    headers = {}
-    if isinstance(result, dict) and "seed" in result:
-        headers["X-Seed"] = str(result["seed"])
-    if isinstance(result, dict) and result.get("warnings"):
-        headers["X-Warnings"] = json.dumps(result["warnings"])  # ASCII-safe for a header
-    return Response(image, media_type=media_type, headers=headers)
-
-
-class AccessLog:
-    """One log line per request: client, method, path, status and duration; nothing more."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started, status = time.perf_counter(), 500
-
-        async def send_noting_status(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_status)
-        finally:
-            client = (scope.get("client") or ("-",))[0]
-            # The path only: a query string is the client's to keep out of logs.
-            access_log.info(
-                "%s - %s %s %d %.1f ms",
-                client,
-                scope["method"],
-                scope["path"],
-                status,
-                (time.perf_counter() - started) * 1000,
-            )
+        family_limits = families.detect(model_dir).limits
+    except families.UnsupportedModelError:
+        family_limits = {}  # the handler, loading, says what is wrong with the folder
+    return Settings.from_env(limit_defaults=family_limits).limits
 
 
 def is_loopback(host: str) -> bool:

@@ -172,9 +172,15 @@ class Settings:
         return sizes
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        limit_defaults: Mapping[str, int | float] | None = None,
+    ) -> Settings:
+        """The settings the variables give; ``limit_defaults`` (a model family's) replace
+        ``Limits``' own defaults, and the variables win over both."""
         environ = os.environ if environ is None else environ
-        limits = Limits(**_read(Limits, environ))
+        limits = Limits(**{**(limit_defaults or {}), **_read(Limits, environ)})
         return cls(**_read(cls, environ), limits=limits)
 
 

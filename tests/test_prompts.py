@@ -36,7 +36,8 @@ def encoder(repo_root):
 def encode(encoder, prompt, negative=None, guided=True, **options):
     options.setdefault("max_chunks", MAX_CHUNKS)
     with torch.inference_mode():
-        return encoder.encode(prompt, negative, guided=guided, **options)
+        conditioning = encoder.encode(prompt, negative, guided=guided, **options)
+    return conditioning.prompt_embeds, conditioning.negative_prompt_embeds
 
 
 # --- the syntax: the web UI's documented examples ---------------------------------------------
