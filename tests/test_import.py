@@ -477,7 +477,7 @@ def test_a_disk_that_fills_leaves_the_target_as_it_was(small_disk, when, capsys,
     (target / "README.md").write_text("---\nlicense: mit\n---\nmine\n")
     before = tree_digest(target)
     if when == "while writing":  # past the estimate of the space needed, into a real ENOSPC
-        monkeypatch.setattr(importer, "free_space_check", lambda plan, n_bytes: None)
+        monkeypatch.setattr(importer.write, "free_space_check", lambda plan, n_bytes: None)
     message = refuse(capsys, REPO_ROOT, "--out", target)
     expected = "not enough disk space" if when == "foreseen" else "the disk filled up"
     assert expected in message
