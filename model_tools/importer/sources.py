@@ -190,7 +190,7 @@ def check_folder(folder: Path, allow_pickle: bool) -> tuple[Family, bool]:
         part = folder / name
         if not part.is_dir():
             raise ImportFailed(f"SOURCE {folder} has no {name}/ folder")
-        if weights_in(part):
+        if weights_in(part)[0]:
             continue
         pickles = sorted(p.name for p in part.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not pickles:
