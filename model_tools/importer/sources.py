@@ -185,6 +185,8 @@ def check_folder(folder: Path, allow_pickle: bool) -> tuple[Family, bool]:
 
     family = best_match(candidates, fits)
     standard = family is not None
+    # Sizes no family has (a miniature model, say): its pipeline class's first family says
+    # which parts it has (SD 1.x and 2.x have the same).
     family = family or candidates[0]
     for name in family.components:
         part = folder / name
