@@ -1,4 +1,4 @@
-"""model_tools.families: the import-side table of SD 1.x/2.x facts agrees with the shipped configs."""
+"""model_tools.families: each family's description agrees with the configs shipped for it, and
 the lookups that detection and the import make find the right family."""
 
 from __future__ import annotations
