@@ -71,12 +71,7 @@ class Adapters:
             info = loras.inspect(path)
             check_family(pipe, info)
             layers = load(pipe, path, self._adapter[name], BaseTunerLayer)
-            if layers < info.layers:
-                raise LoraFileError(
-                    f"{loras.FOLDER}/{path.name}: only {layers} of its {info.layers} LoRA layers "
-                    "match a layer of this model; the others name layers it does not have (is "
-                    "it made for another model?)"
-                )
+            check_layers(path, layers, info)
             self.hashes[name] = info.short_hash
             self.sizes[name] = adapter_bytes(pipe, self._adapter[name], BaseTunerLayer)
             log.info(
@@ -152,6 +147,17 @@ def load(pipe, path: Path, adapter: str, tuner_layer: type) -> int:
         for layer in module.modules()
         if isinstance(layer, tuner_layer) and adapter in _held(layer)
     )
+
+
+def check_layers(path: Path, layers: int, info: loras.LoraFile) -> None:
+    """Raise unless every LoRA layer of the file found its layer (diffusers skips, with a
+    warning at most, those naming a layer the model lacks)."""
+    if layers < info.layers:
+        raise LoraFileError(
+            f"{loras.FOLDER}/{path.name}: only {layers} of its {info.layers} LoRA layers match a "
+            "layer of this model; the others name layers it does not have (is it made for "
+            "another model?)"
+        )
 
 
 def adapter_bytes(pipe, adapter: str, tuner_layer: type) -> int:

@@ -58,7 +58,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from . import page
+from . import loras, page
 from .imaging import MEDIA_TYPES, encode
 from .loader import REPO_ROOT, load_handler
 from .schema import ALIASES, ErrorResponse, GenerationResponse, request_model
@@ -235,7 +235,9 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[], None] = lambd
         )
 
     limits = Settings.from_env().limits
-    page.add_routes(app, limits)
+    # The folder's LoRA names, known before the model loads, for the form and the schema.
+    lora_names = loras.names_in(config.model_dir)
+    page.add_routes(app, limits, lora_names)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -243,7 +245,7 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[], None] = lambd
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
             spec.setdefault("components", {}).setdefault("schemas", {}).update(
-                request_schemas(limits)
+                request_schemas(limits, lora_names)
             )
             spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             app.openapi_schema = spec
@@ -303,10 +305,10 @@ HEALTH_RESPONSES: dict[int | str, dict] = {
 IMAGE_FORMATS = {media: fmt for fmt, media in MEDIA_TYPES.items()}
 
 
-def request_schemas(limits) -> dict[str, dict]:
+def request_schemas(limits, lora_names: tuple[str, ...] = ()) -> dict[str, dict]:
     """JSON schemas of the request body, in both forms, from the handler's request model."""
     ref = "#/components/schemas/{model}"
-    flat = request_model(limits).model_json_schema(ref_template=ref)
+    flat = request_model(limits, lora_names).model_json_schema(ref_template=ref)
     properties = flat["properties"]
     for alias, target in ALIASES.items():
         properties[alias] = {
