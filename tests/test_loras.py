@@ -74,9 +74,7 @@ def random_loras(handler):
 
 @pytest.fixture(scope="module")
 def lora_folder(tmp_path_factory, random_loras):
-    return model_folder(
-        tmp_path_factory.mktemp("loras") / "repo", {GREEN: SHIPPED, **random_loras}
-    )
+    return model_folder(tmp_path_factory.mktemp("loras") / "repo", {GREEN: SHIPPED, **random_loras})
 
 
 @pytest.fixture(scope="module")
