@@ -75,7 +75,7 @@ def add_lora(source: Path, name: str | None, allow_pickle: bool, repo: Path) -> 
     source = source.expanduser().resolve()
     if not source.is_file():
         raise ImportFailed(f"--add-lora {source}: no such file")
-    name = name if name is not None else source.name.split(".")[0]
+    name = name if name is not None else source.stem
     if not loras.is_name(name):
         raise ImportFailed(
             f"the name {name!r} cannot be written in a request; pass --name NAME "
@@ -91,7 +91,8 @@ def add_lora(source: Path, name: str | None, allow_pickle: bool, repo: Path) -> 
     # atomic), in a hidden folder nothing reads.
     staging = Path(tempfile.mkdtemp(prefix=".add-lora-", dir=repo))
     try:
-        staged = staging / target.name
+        staged = loras.folder(staging) / target.name  # named in messages as it will be
+        staged.parent.mkdir()
         if source.suffix.lower() == loras.SUFFIX:
             shutil.copyfile(source, staged)
         else:
@@ -118,16 +119,11 @@ def add_lora(source: Path, name: str | None, allow_pickle: bool, repo: Path) -> 
 def check_against_model(path: Path, repo: Path):
     """Load the LoRA at ``path`` into ``repo``'s model as the endpoint does at start-up;
     returns its description, layer count and size, or raises ``ImportFailed``."""
-    import diffusers
-    import transformers
     from diffusers import StableDiffusionPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from sd_endpoint import adapters
 
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
     try:
         info = loras.inspect(path)
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -209,8 +205,14 @@ def save_file(tensors: dict, path: Path, metadata: dict[str, str] | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import diffusers
+    import transformers
+
     args = parse_args(argv)
     repo = args.out.resolve()
+    for library in (diffusers, transformers):  # notebook progress bars would bury the summary
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
     try:
         for line in add_lora(args.add_lora, args.name, args.allow_pickle, repo):
             print(line)
