@@ -12,7 +12,6 @@ allowed. Adding a request field means adding it to ``request_model`` and nothing
 from __future__ import annotations
 
 import json
-import math
 from functools import lru_cache
 from itertools import islice
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -31,6 +30,7 @@ from pydantic import (
 )
 
 from . import loras, samplers
+from .field_types import Boolean, Integer, LoraWeights, Number, Text, has_text
 from .settings import Limits
 
 DEFAULT_STEPS = 25
@@ -42,74 +42,6 @@ MAX_SEED = 2**32 - 1
 SCHEDULERS = samplers.NAMES
 FORMATS = ("png", "jpeg", "webp")
 MAX_NAMES_SHOWN = 10
-
-
-def _integer(value: Any) -> Any:
-    """JSON has one number type: accept 512.0 as 512, but never a bool or 512.5."""
-    if isinstance(value, bool):
-        raise ValueError("must be an integer, not a boolean")
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    return value
-
-
-def _number(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    return value
-
-
-def _has_text(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must contain text, not only white space")
-    return value
-
-
-# The constraints go inside the before-validators, so that JSON schemas carry them as the
-# standard `minimum`/`maximum`/`multipleOf` keywords.
-def Integer(**constraints: Any) -> Any:  # noqa: N802 (used as a type)
-    return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_integer)]
-
-
-def Number(**constraints: Any) -> Any:  # noqa: N802
-    # float() so that 7 and 7.0 echo alike.
-    return Annotated[
-        float, Field(strict=True, **constraints), BeforeValidator(_number), AfterValidator(float)
-    ]
-
-
-def Text(**constraints: Any) -> Any:  # noqa: N802
-    return Annotated[str, Field(strict=True, **constraints)]
-
-
-def _boolean(value: Any) -> Any:
-    if not isinstance(value, bool):
-        raise ValueError("must be true or false")
-    return value
-
-
-Boolean = Annotated[bool, BeforeValidator(_boolean)]
-
-
-def LoraWeights(limits: Limits, names: tuple[str, ...]) -> Any:  # noqa: N802
-    """name -> weight, the names from ``names`` (the repository's LoRA files)."""
-    most = limits.max_lora_weight
-
-    def known(value: dict[str, float]) -> dict[str, float]:
-        loras.check_field(value, names, limits.max_loras)
-        return value
-
-    schema = {
-        "type": "object",
-        "additionalProperties": {"type": "number", "minimum": -most, "maximum": most},
-        "maxProperties": min(limits.max_loras, len(names)),
-        "propertyNames": {"enum": list(names)},
-        "default": {},
-    }
-    weight = Number(ge=-most, le=most)
-    return Annotated[dict[Text(), weight], AfterValidator(known), WithJsonSchema(schema)]
 
 
 Sampler = Annotated[
@@ -169,7 +101,7 @@ def request_model(
 
     class GenerationParameters(GenerationRequest):
         inputs: Annotated[
-            Text(min_length=1, max_length=limits.max_prompt_chars), AfterValidator(_has_text)
+            Text(min_length=1, max_length=limits.max_prompt_chars), AfterValidator(has_text)
         ] = Field(
             description="The prompt: non-empty text, at most "
             f"{limits.max_prompt_chars} characters and {limits.max_prompt_chunks} chunks of 75 "
