@@ -55,6 +55,7 @@ class Adapters:
         self.names: tuple[str, ...] = tuple(files)
         self.hashes: dict[str, str] = {}  # name -> A1111's short hash, for the image metadata
         self.sizes: dict[str, int] = {}  # name -> bytes of its matrices on the device
+        self.load_seconds: dict[str, float] = {}  # name -> start-up time it took
         self._adapter = {name: f"lora_{i}" for i, name in enumerate(files)}  # peft's names
         self._wrapped: list[_Wrapped] = []
         if not files:
@@ -74,12 +75,13 @@ class Adapters:
             check_layers(path, layers, info)
             self.hashes[name] = info.short_hash
             self.sizes[name] = adapter_bytes(pipe, self._adapter[name], BaseTunerLayer)
+            self.load_seconds[name] = time.perf_counter() - started
             log.info(
                 "LoRA %s: %d layers, %.2f MiB, loaded in %.2f s",
                 name,
                 layers,
                 self.sizes[name] / 2**20,
-                time.perf_counter() - started,
+                self.load_seconds[name],
             )
         self._wrapped = wrapped_layers(pipe, BaseTunerLayer)
         for layer in self._wrapped:
