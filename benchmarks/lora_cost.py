@@ -100,12 +100,16 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
-def measure(model_dir: Path, work: Path, size: int | None, steps: int, repeats: int) -> dict:
+def measure(
+    model_dir: Path, work: Path, size: int | None, steps: int, repeats: int, threads: int
+) -> dict:
     """Start-up, memory and request times of ``model_dir`` without and with two LoRAs."""
     from model_tools.lora_files import random_lora, save_file
 
-    size_overrides = {} if size is None else {"warmup": f"{size}x{size}"}
-    plain = make_handler(linked_model(model_dir, work / "plain"), **size_overrides)
+    overrides = {"num_threads": threads}
+    if size is not None:
+        overrides["warmup"] = f"{size}x{size}"
+    plain = make_handler(linked_model(model_dir, work / "plain"), **overrides)
 
     folder = linked_model(model_dir, work / "with-loras")
     (folder / "loras").mkdir()
@@ -113,7 +117,7 @@ def measure(model_dir: Path, work: Path, size: int | None, steps: int, repeats: 
     for seed, name in enumerate(NAMES, start=1):
         tensors = random_lora(plain.engine.pipe, RANK, seed=seed, strength=0.05)
         files[name] = save_file(tensors, folder / "loras" / f"{name}.safetensors")
-    with_loras = make_handler(folder, **size_overrides)
+    with_loras = make_handler(folder, **overrides)
     adapters = with_loras.engine.adapters
 
     side = size or plain.engine.native_size[0]
@@ -181,13 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sd15", type=Path, default=SD15_DIR, help=f"default: {SD15_DIR}")
     parser.add_argument("--size", type=int, default=256, help="SD 1.5's side (default 256)")
     parser.add_argument("--steps", type=int, default=3, help="SD 1.5's steps (default 3)")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 10, 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 10, 6)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: a shared machine)"
     )
     parser.add_argument("--json", type=Path, help="write the figures here as JSON too")
     args = parser.parse_args(argv)
-    os.environ["SD_NUM_THREADS"] = str(args.threads)
 
     import diffusers
     import torch
@@ -198,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {"cpu": cpu_name(), "torch": torch.__version__, "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="lora-cost-") as work:
         # The first handler of a process pays for imports and first calls: not a LoRA's cost.
-        make_handler(linked_model(REPO_ROOT, Path(work) / "first"))
-        shipped = measure(REPO_ROOT, Path(work) / "shipped", None, 25, args.repeats or 10)
+        make_handler(linked_model(REPO_ROOT, Path(work) / "first"), num_threads=args.threads)
+        rounds = args.repeats or 10
+        shipped = measure(REPO_ROOT, Path(work) / "shipped", None, 25, rounds, args.threads)
         report("the shipped model", shipped)
         results["shipped"] = shipped
         if not args.quick:
             sd15 = ensure_sd15(args.sd15)
-            full = measure(sd15, Path(work) / "sd15", args.size, args.steps, args.repeats or 4)
+            rounds = args.repeats or 6
+            full = measure(sd15, Path(work) / "sd15", args.size, args.steps, rounds, args.threads)
             report("SD 1.5's architecture (random weights)", full)
             results["sd15"] = full
     if args.json:
