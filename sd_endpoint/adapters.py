@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 
 from . import loras
@@ -67,6 +68,12 @@ class Adapters:
                 f"{loras.FOLDER}/ holds {len(files)} LoRA file(s), which need the peft package "
                 "(requirements.txt: peft>=0.15.1, which the endpoint's base image ships)"
             ) from None
+        if not diffusers.utils.USE_PEFT_BACKEND:  # peft or transformers too old for diffusers
+            raise LoraFileError(
+                f"{loras.FOLDER}/ holds {len(files)} LoRA file(s), and diffusers "
+                f"{diffusers.__version__} loads LoRAs only with a newer peft than the one "
+                "installed (0.42 needs 0.17 or later): pip install --upgrade peft"
+            )
         for name, path in files.items():
             started = time.perf_counter()
             info = loras.inspect(path)

@@ -360,6 +360,17 @@ def test_a_bad_lora_file_stops_start_up_naming_the_file(tmp_path, case):
         assert word in str(caught.value), str(caught.value)
 
 
+def test_a_peft_too_old_for_diffusers_stops_start_up_saying_so(handler, monkeypatch):
+    import diffusers
+
+    from sd_endpoint.adapters import Adapters
+
+    monkeypatch.setattr(diffusers.utils, "USE_PEFT_BACKEND", False)
+    with pytest.raises(RuntimeError, match="newer peft") as caught:
+        Adapters(handler.engine.pipe, REPO_ROOT)  # refused before anything is loaded
+    assert "pip install --upgrade peft" in str(caught.value)
+
+
 def test_files_of_other_kinds_in_the_folder_are_left_alone(tmp_path):
     folder = model_folder(tmp_path / "repo", {GREEN: SHIPPED})
     (folder / "loras" / "README.md").write_text("Styles for this model.\n")
