@@ -24,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from model_tools.importer import ImportFailed, load_pickle, read_checkpoint_keys
+from model_tools.importer.plan import ImportFailed
+from model_tools.importer.sources import load_pickle, read_checkpoint_keys
 from sd_endpoint import loras
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -119,25 +120,20 @@ def add_lora(source: Path, name: str | None, allow_pickle: bool, repo: Path) -> 
 def check_against_model(path: Path, repo: Path):
     """Load the LoRA at ``path`` into ``repo``'s model as the endpoint does at start-up;
     returns its description, layer count and size, or raises ``ImportFailed``."""
-    from diffusers import StableDiffusionPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from sd_endpoint import adapters
+    from sd_endpoint import adapters, families
 
     try:
         info = loras.inspect(path)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            repo,
-            use_safetensors=True,
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        family = families.detect(repo)
+        pipe = family.pipeline_class.from_pretrained(
+            repo, use_safetensors=True, local_files_only=True, **family.load_options
         )
         adapters.check_family(pipe, info)
         layers = adapters.load(pipe, path, "added", BaseTunerLayer)
         adapters.check_layers(path, layers, info)
-    except loras.LoraFileError as exc:
+    except (loras.LoraFileError, families.UnsupportedModelError) as exc:
         raise ImportFailed(f"--add-lora: {exc}") from None
     return info, layers, adapters.adapter_bytes(pipe, "added", BaseTunerLayer)
 
