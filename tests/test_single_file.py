@@ -89,7 +89,8 @@ def test_detects_sd2_from_openclip_keys_with_fused_qkv(sd2_file):
 @pytest.mark.parametrize(
     "key, name",
     [
-        ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "SDXL"),
+        ("conditioner.embedders.0.model.text_projection", "SDXL refiner"),
+        ("edm_mean", "Playground"),
         ("model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight", "SD3"),
         ("model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale", "Flux"),
         ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "LoRA"),

@@ -49,9 +49,8 @@ def write_model(pipe, tokenizers: Path, target: Path, plan: Plan) -> None:
     family = plan.family
     dtype = getattr(torch, plan.dtype)
     for name in ("unet", "vae"):
-        module = getattr(pipe, name)
-        module.to(dtype).save_pretrained(target / name, safe_serialization=True)
-        module.to(torch.float32)
+        # Already in `dtype` but for a replaced VAE; a no-op `to` keeps the tensors shared.
+        getattr(pipe, name).to(dtype).save_pretrained(target / name, safe_serialization=True)
     for encoder in family.text_encoders:
         write_text_encoder(getattr(pipe, encoder.component), target / encoder.component, dtype)
         write_tokenizer_files(tokenizers / encoder.tokenizer, target / encoder.tokenizer)
