@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from model_tools import importer
 from model_tools import single_file as sf
 from model_tools.tiny_sdxl import tiny_sdxl_folder
 from sd_endpoint.loader import REPO_ROOT
@@ -401,3 +402,133 @@ def test_fused_sdxl_lora_equals_the_lora_loaded_at_run_time(work, tiny, loras, f
     runtime = generate(tiny, loras["diffusers"])
     assert np.abs(runtime - generate(tiny)).max() > 20  # the LoRA changes the picture
     assert np.abs(generate(out) - runtime).max() <= LORA_TOLERANCE[dtype]
+
+
+# --- the check --------------------------------------------------------------------------------
+
+
+def test_the_check_loads_bfloat16_where_float32_would_not_fit(work, tiny, capsys, monkeypatch):
+    """SDXL takes 14 GB in float32, what the endpoint loads on a CPU without fast bfloat16:
+    the import's check then loads bfloat16, unless SD_DTYPE says otherwise."""
+    monkeypatch.delenv("SD_DTYPE", raising=False)
+    monkeypatch.setattr(importer.write, "available_memory", lambda: 2**20)  # 1 MiB free
+    code, stdout, err = run_import(tiny, "--out", work / "check-bf16", capsys=capsys)
+    assert code == 0, err
+    assert "loaded as the endpoint does (in bfloat16: float32 would not fit in memory)" in stdout
+    monkeypatch.setenv("SD_DTYPE", "float32")
+    code, stdout, err = run_import(tiny, "--out", work / "check-fp32", capsys=capsys)
+    assert code == 0, err
+    assert "check            loaded as the endpoint does in" in stdout
+
+
+# --- full size (opt-in) ------------------------------------------------------------------------
+
+# Peak resident memory of a process, and of its anonymous part alone (sampled): the pages of a
+# memory-mapped file count in the first but the kernel can drop them under pressure, so the
+# second is what a machine must have free.
+MEMORY = """
+import json, resource, threading, time
+_anon = [0]
+def _sample():
+    while True:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    _anon[0] = max(_anon[0], int(line.split()[1]))
+        time.sleep(0.05)
+threading.Thread(target=_sample, daemon=True).start()
+def memory():
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_anon_gib": _anon[0] / 2**20}
+"""
+IMPORT = (
+    MEMORY
+    + """
+import runpy, sys
+started = time.perf_counter()
+try:
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as exit:
+    assert not exit.code, exit.code
+finally:
+    print(json.dumps({"seconds": time.perf_counter() - started, **memory()}))
+"""
+)
+SERVE = (
+    MEMORY
+    + """
+import os, sys
+os.environ["SD_WARMUP"] = ""  # time the load alone, then the requests
+started = time.perf_counter()
+from sd_endpoint.loader import load_handler
+handler = load_handler(sys.argv[1])
+result = {"load_s": time.perf_counter() - started, "dtype": str(handler.engine.dtype),
+          "load": memory()}
+for side in (512, 1024):
+    began = time.perf_counter()
+    response = handler({"inputs": "an astronaut riding a horse", "height": side, "width": side,
+                        "inference_steps": 2, "seed": 0})
+    result[side] = {"request_s": time.perf_counter() - began,
+                    "per_step_s": handler.last_timings["denoising"] / 2,
+                    "timings": handler.last_timings, "image_chars": len(response["image"])}
+print(json.dumps({**result, **memory()}))
+"""
+)
+
+
+def measured(script: str, *args: str | Path) -> tuple[dict, str]:
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=7200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
+
+
+@pytest.mark.slow
+def test_full_size_sdxl_single_file_imports_and_serves(tmp_path):
+    """SDXL base's exact architecture (random weights) as an fp16 single file, imported (with
+    its check) and served through the handler at 512x512 and 1024x1024: the figures of
+    docs/import.md come from here (`flock /tmp/heavy.lock pytest -m slow -s
+    tests/test_import_sdxl.py`; about 7 GB of disk under the temporary folder, 2 x 7 GB with
+    the imported copy)."""
+    checkpoint = tmp_path / "sdxl-base.safetensors"
+    made, _ = measured(
+        IMPORT, "model_tools.single_file", "random", "--family", "sdxl-base", "--out", checkpoint
+    )
+    repo = tmp_path / "repo"
+    imported, summary = measured(IMPORT, "model_tools.importer", checkpoint, "--out", repo)
+    assert "family           Stable Diffusion XL" in summary
+    assert "native size      1024x1024" in summary
+    assert "check            loaded as the endpoint does" in summary
+    (repo / "handler.py").symlink_to(REPO_ROOT / "handler.py")
+    served, _ = measured(SERVE, repo)
+    assert served[str(512)]["image_chars"] > 1000 and served[str(1024)]["image_chars"] > 1000
+    file_gib = checkpoint.stat().st_size / 2**30
+    size = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file()) / 2**30
+    print(
+        f"\nsdxl-base: checkpoint {file_gib:.2f} GiB written in {made['seconds']:.0f} s "
+        f"(peak RSS {made['peak_rss_gib']:.1f} GiB) | import with its check "
+        f"{imported['seconds']:.0f} s, peak RSS {imported['peak_rss_gib']:.1f} GiB, of it "
+        f"anonymous {imported['peak_anon_gib']:.1f} GiB, {size:.2f} GiB on disk | handler "
+        f"({served['dtype']}) load {served['load_s']:.1f} s, peak RSS after load "
+        f"{served['load']['peak_rss_gib']:.1f} GiB"
+    )
+    for side in (512, 1024):
+        request = served[str(side)]
+        print(
+            f"  {side}x{side}, 2 steps: {request['request_s']:.1f} s, "
+            f"{request['per_step_s']:.1f} s per step, timings {request['timings']}"
+        )
+    print(
+        f"  handler peak RSS {served['peak_rss_gib']:.1f} GiB (anonymous "
+        f"{served['peak_anon_gib']:.1f} GiB)\n"
+        + "\n".join(line for line in summary.splitlines() if line.startswith("  "))
+    )
+    # What "fits on a 16 GB machine" means for the import: the memory it cannot give back
+    # stays well under the file's size twice over.
+    assert imported["peak_anon_gib"] < 2 * file_gib

@@ -296,7 +296,10 @@ def run(plan: Plan) -> list[str]:
         del pipe
         gc.collect()
         converted = time.perf_counter()
-        check = "skipped (--skip-check)" if plan.skip_check else write.check_written(staged)
+        parameters = sum(counts.values())
+        check = (
+            "skipped (--skip-check)" if plan.skip_check else write.check_written(staged, parameters)
+        )
         size = write.folder_size(staged)
         write.swap_in(staged, plan.out, work / "replaced")
     except Exception as exc:  # safetensors reports a full disk as its own SafetensorError
