@@ -120,6 +120,24 @@ def test_a_prompt_past_77_tokens_is_used_whole_without_a_warning(family_handler)
     assert response["warnings"] == []
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"inputs": "a blue square"},
+        {"negative_prompt": "red"},
+        {"guidance_scale": 3.0},
+        {"inference_steps": 5},
+        {"seed": 8},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_each_field_that_shapes_the_image_changes_it(family_handler, change):
+    request = {"inputs": "a red circle", "seed": 7, "height": 64, "width": 64, **FAST}
+    changed, unchanged = family_handler({**request, **change}), family_handler(request)
+    # Pixels, not bytes: the PNG's parameters text differs anyway.
+    assert not np.array_equal(_pixels(changed), _pixels(unchanged))
+
+
 def test_warns_that_negative_prompt_needs_guidance(family_handler):
     response = family_handler(
         {"inputs": "a red circle", "negative_prompt": "blue", "guidance_scale": 1, **FAST}
