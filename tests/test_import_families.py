@@ -1,5 +1,5 @@
-"""model_tools.families: the import-side table of family facts agrees with the shipped configs,
-and the lookups that detection and the import make find the right family."""
+"""model_tools.families: each family's description agrees with the configs shipped for it, and
+the lookups that detection and the import make find the right family."""
 
 from __future__ import annotations
 
