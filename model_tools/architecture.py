@@ -210,11 +210,12 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_tokenizer(folder: Path) -> None:
+def write_tokenizer(folder: Path, pad_token: str = EOS) -> None:
+    """The one-character-per-token CLIP tokenizer; SD 2.x's and SDXL's second pad with "!"."""
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "vocab.json", char_vocab())
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
+    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": pad_token, "unk_token": EOS}
     _write_json(folder / "special_tokens_map.json", specials)
     _write_json(
         folder / "tokenizer_config.json",
@@ -231,20 +232,24 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def write_text_encoder(model: CLIPTextModel, folder: Path, dtype: torch.dtype) -> None:
-    """Weights with the ``text_model.`` prefix and a config that transformers 4.x and 5.x read."""
+    """Weights with the ``text_model.`` prefix and a config that transformers 4.x and 5.x read.
+
+    ``model`` is a ``CLIPTextModel`` or (SDXL's second encoder) a
+    ``CLIPTextModelWithProjection``, whose ``text_projection`` sits beside ``text_model``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     state = {}
     for key, tensor in model.state_dict().items():
         if "position_ids" in key:  # a buffer, rebuilt at load time
             continue
-        key = key if key.startswith("text_model.") else "text_model." + key
+        key = key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
         state[key] = tensor.detach().to(dtype).contiguous()
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = model.config
     _write_json(
         folder / "config.json",
         {
-            "architectures": ["CLIPTextModel"],
+            "architectures": [type(model).__name__],
             "model_type": "clip_text_model",
             **{k: getattr(config, k) for k in model_config_keys()},
             # The dtype to load in, not the one stored: transformers 5 loads a model in its

@@ -4,14 +4,15 @@
     python -m model_tools.clip_bpe --source /tmp/clip/clip_anytorch-2.6.0-py3-none-any.whl
 
 The source is OpenAI's ``bpe_simple_vocab_16e6.txt.gz``, the merge list every Stable
-Diffusion 1.x / 2.x tokenizer is built from (CLIP ViT-L/14 and OpenCLIP ViT-H share it),
-read from the ``clip-anytorch`` wheel, its installed package, or the ``.gz`` itself. The
-vocabulary is rebuilt exactly as CLIP's own ``SimpleTokenizer`` builds it: the 256 byte
+Diffusion 1.x / 2.x / XL tokenizer is built from (CLIP ViT-L/14, OpenCLIP ViT-H and ViT-bigG
+share it), read from the ``clip-anytorch`` wheel, its installed package, or the ``.gz`` itself.
+The vocabulary is rebuilt exactly as CLIP's own ``SimpleTokenizer`` builds it: the 256 byte
 symbols, the same with ``</w>``, one token per merge, then the two specials.
 
 Every family's tokenizer folders (``model_tools.families``) get the same ``vocab.json`` and
-``merges.txt`` (SD 2.x's folder links to SD 1.x's) and their own special tokens: SD 1.x pads with
-``<|endoftext|>`` (id 49407), SD 2.x with ``!`` (id 0), as the checkpoints were trained. Output
+``merges.txt`` (the others link to SD 1.x's) and their own special tokens: CLIP ViT-L's
+tokenizers (SD 1.x, SDXL's ``tokenizer``) pad with ``<|endoftext|>`` (id 49407), OpenCLIP's
+(SD 2.x, SDXL's ``tokenizer_2``) with ``!`` (id 0), as the checkpoints were trained. Output
 is byte-for-byte reproducible.
 """
 
@@ -134,7 +135,8 @@ def main() -> None:
     parser.add_argument("--configs", type=Path, default=CONFIGS)
     args = parser.parse_args()
     write_tokenizers(read_merges(args.source), args.configs)
-    names = " and ".join(family.short for family in FAMILIES.values())
+    names = [family.short for family in FAMILIES.values()]
+    names = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
     print(f"wrote the {names} tokenizer files under {args.configs}")
 
 

@@ -1,24 +1,26 @@
 """The model families the importer knows, and what differs between them: one entry each.
 
 Stable Diffusion 1.x and 2.x share a pipeline (``StableDiffusionPipeline``: a UNet, a VAE, one
-CLIP-architecture text encoder and its tokenizer) and the single-file layout of the UNet and the
-VAE (``model.diffusion_model.*``, ``first_stage_model.*``). They differ in the text encoder
-(OpenAI's CLIP ViT-L/14, stored under transformers' key names, or OpenCLIP ViT-H, stored under
-OpenCLIP's with q/k/v fused), the token its tokenizer pads with, the configs, and the prediction
-types and sizes their models come in. Family detection and the key maps
-(``model_tools.single_file``), the import's conversion and writing (``model_tools.importer``)
-and the tokenizer files (``model_tools.clip_bpe``) all read those facts here.
+CLIP-architecture text encoder and its tokenizer); SDXL has its own
+(``StableDiffusionXLPipeline``: two text encoders and tokenizers). All three share the
+single-file layout of the UNet and the VAE (``model.diffusion_model.*``,
+``first_stage_model.*``). They differ in the text encoders (OpenAI's CLIP ViT-L/14, stored under
+transformers' key names, or OpenCLIP ViT-H / ViT-bigG, stored under OpenCLIP's with q/k/v
+fused), the token each tokenizer pads with, the configs, and the prediction types and sizes
+their models come in. Family detection and the key maps (``model_tools.single_file``), the
+import's conversion and writing (``model_tools.importer``) and the tokenizer files
+(``model_tools.clip_bpe``) all read those facts here.
 
 Adding a family is adding its entry to ``FAMILIES`` and its configs under ``configs/<key>/``
 (``clip_bpe`` writes the tokenizer files), and taking its layout out of ``REFUSED``. A fact no
-entry has yet (SDXL's ``v_pred`` and ``ztsnr`` marker keys, which set the scheduler) comes as a
-new field, with a default the other entries keep, and the one place that reads it.
+entry had before comes as a new field, with a default the other entries keep, and the one place
+that reads it (SDXL's ``scheduler_markers``, read by the import's plan).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
@@ -64,6 +66,10 @@ class Family:
     # the pipeline is built with and model_index.json records.
     unused_components: tuple[str, ...]
     pipeline_options: Mapping[str, object]
+    # Keys some single files of the family carry (an empty tensor each) to say how the UNet was
+    # trained, which its weights do not show, and the scheduler settings each one means.
+    # ComfyUI and A1111 read SDXL's this way; --prediction-type wins over a marker's.
+    scheduler_markers: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
     @property
     def config(self) -> Path:
@@ -88,6 +94,11 @@ class Family:
     def prediction_note(self) -> str:
         advice = f", {self.prediction_advice}" if self.prediction_advice else ""
         return f" (the {self.short} default{advice})"
+
+    def markers_in(self, keys: Iterable[str]) -> dict[str, Mapping[str, object]]:
+        """The scheduler markers among a single file's ``keys``, with what each one sets."""
+        keys = set(keys)
+        return {key: settings for key, settings in self.scheduler_markers.items() if key in keys}
 
 
 # SD 1.x and 2.x pipelines have a safety checker; the endpoint leaves it out (safety is its own
@@ -154,15 +165,78 @@ SD2 = Family(
     pipeline_options=_SD_OPTIONS,
 )
 
-FAMILIES: dict[str, Family] = {family.key: family for family in (SD1, SD2)}
+SDXL = Family(
+    key="sdxl",
+    name="Stable Diffusion XL",
+    short="SDXL",
+    marker="conditioner.embedders.",
+    text_encoders=(
+        TextEncoder(
+            component="text_encoder",
+            tokenizer="tokenizer",
+            prefix="conditioner.embedders.0.transformer.",
+            layout="clip",
+            architecture="CLIP ViT-L",
+            width=768,
+            hidden_act="quick_gelu",
+            pad_token=EOS,
+        ),
+        TextEncoder(
+            component="text_encoder_2",
+            tokenizer="tokenizer_2",
+            prefix="conditioner.embedders.1.model.",
+            layout="openclip",
+            architecture="OpenCLIP ViT-bigG",
+            width=1280,
+            hidden_act="gelu",
+            pad_token="!",
+            # Its projected end-token state is the pooled embedding the UNet also takes.
+            model_class="CLIPTextModelWithProjection",
+        ),
+    ),
+    # SDXL base and most fine-tunes predict noise; the v-prediction ones (NoobAI-XL V-Pred and
+    # the like) say so with a v_pred key, and all of them are 1024 px models.
+    default_prediction="epsilon",
+    native_sizes={"epsilon": 1024, "v_prediction": 1024},
+    prediction_advice=(
+        "--prediction-type v_prediction for a v-prediction model without a v_pred key"
+    ),
+    license="openrail++",
+    card_tags=(
+        "stable-diffusion-xl",
+        "stable-diffusion-xl-diffusers",
+        "text-to-image",
+        "diffusers",
+    ),
+    pipeline_class="StableDiffusionXLPipeline",
+    # Parts for IP-Adapters, which the endpoint does not load.
+    unused_components=("image_encoder", "feature_extractor"),
+    # An empty negative prompt encodes as zeros, as SDXL was trained and A1111 does.
+    pipeline_options={"force_zeros_for_empty_prompt": True},
+    scheduler_markers={
+        "v_pred": {"prediction_type": "v_prediction"},
+        # Zero terminal SNR: betas rescaled so the last step is pure noise, and the steps
+        # spaced from the last timestep (the schedule it was trained with).
+        "ztsnr": {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    },
+)
+
+FAMILIES: dict[str, Family] = {family.key: family for family in (SD1, SD2, SDXL)}
 CONFIGS = {key: family.config for key, family in FAMILIES.items()}
 # How messages name what the importer takes.
-SUPPORTED = "Stable Diffusion 1.x and 2.x"
-SUPPORTED_SHORT = "SD 1.x and 2.x"
+SUPPORTED = "Stable Diffusion 1.x, 2.x and XL"
+SUPPORTED_SHORT = "SD 1.x, 2.x and SDXL"
 
 # Single files of other kinds, recognised by a key prefix or fragment and refused by name.
+# (SDXL inpainting models have SDXL's keys and are refused by their UNet's 9 input channels.)
 REFUSED = (
-    ("conditioner.embedders.", "an SDXL checkpoint (conditioner.embedders.*)"),
+    (
+        # SDXL base keeps bigG as embedders.1 beside CLIP-L; the refiner has bigG alone.
+        "conditioner.embedders.0.model.",
+        "the SDXL refiner (OpenCLIP ViT-bigG alone, as conditioner.embedders.0.model.*), "
+        "which refines another model's images and draws none of its own",
+    ),
+    ("edm_mean", "Playground v2.5 (edm_mean: an SDXL-shaped model trained with EDM)"),
     ("text_encoders.clip_g.", "an SD3 checkpoint (text_encoders.clip_g.*)"),
     ("joint_blocks.", "an SD3 checkpoint (joint_blocks.*)"),
     ("double_blocks.", "a Flux checkpoint (double_blocks.*)"),

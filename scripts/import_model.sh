@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Import a Stable Diffusion 1.x / 2.x model into this repository (or --out DIR):
+# Import a Stable Diffusion 1.x, 2.x or XL model into this repository (or --out DIR):
 #   bash scripts/import_model.sh model.safetensors            # single-file checkpoint
 #   bash scripts/import_model.sh path/to/diffusers-folder     # e.g. a clone of a Hub repo
 #   bash scripts/import_model.sh owner/name                   # a Hub repo, when online

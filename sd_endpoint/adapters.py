@@ -138,6 +138,14 @@ def check_family(pipe, info: loras.LoraFile) -> None:
             f"{shown} was made for another model: its text-encoder layers are {info.text_width} "
             f"wide, and this model's are {text}; it cannot be used with this model"
         )
+    second = getattr(pipe, "text_encoder_2", None)
+    width = second.config.hidden_size if second is not None else None
+    if info.second_text_width is not None and info.second_text_width != width:
+        raise LoraFileError(
+            f"{shown} was made for another model: its second text encoder's layers are "
+            f"{info.second_text_width} wide, and this model's are {width}; it cannot be used "
+            "with this model"
+        )
 
 
 def load(pipe, path: Path, adapter: str, tuner_layer: type) -> int:

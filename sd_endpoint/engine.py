@@ -16,6 +16,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import torch
 import transformers
 from packaging.version import Version
@@ -144,6 +145,14 @@ class Engine:
         if settings.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
+        # A VAE that overflows float16 says so in its config (SDXL's does); the family says
+        # whether its pipeline heeds that, as diffusers' own pipeline for it does.
+        if (
+            self.family.honours_force_upcast
+            and pipe.vae.dtype == torch.float16
+            and pipe.vae.config.force_upcast
+        ):
+            pipe.vae.float()  # its latents are cast at each decode
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.adapters = Adapters(pipe, path)  # the LoRAs of loras/, each request its own
@@ -174,7 +183,7 @@ class Engine:
         if settings.compile != "off":
             self._compiled_unet = torch.compile(pipe.unet, mode=settings.compile, dynamic=False)
             self._compiled_pixels = torch.compile(
-                latents_to_pixels, mode=settings.compile, dynamic=False
+                decode_latents, mode=settings.compile, dynamic=False
             )
         self._warm_up(settings)
         self.startup_timings = {
@@ -241,7 +250,7 @@ class Engine:
         unet = self._compiled_unet if compiled else self._eager_unet
         if pipe.unet is not unet:
             pipe.unet = unet
-        to_pixels = self._compiled_pixels if compiled else latents_to_pixels
+        to_pixels = self._compiled_pixels if compiled else decode_latents
         tiled = request.height * request.width > self.settings.vae_tile_above_pixels
 
         clock = _Clock(self.device)
@@ -265,10 +274,27 @@ class Engine:
             output_type="latent",
         ).images
         clock.lap("denoising")
-        pixels = to_pixels(pipe.vae, latents, tiled).cpu().numpy()
+        pixels = self._decode(to_pixels, latents, tiled)
         clock.lap("decoding")
         images = [Image.fromarray(p) for p in pixels]
         return Generated(images, seeds, warnings, clock.timings())
+
+    def _decode(self, to_pixels, latents: torch.Tensor, tiled: bool) -> np.ndarray:
+        """The latents as uint8 pixels on the host.
+
+        A float16 VAE that overflows (NaNs, which come out as a black image) decodes the
+        latents again in float32 and stays in float32 from then on, as the web UI's automatic
+        VAE precision does: a model whose config does not warn of it still never gives a
+        black image. Checking costs a reduction over the decoded tensor, read with the pixels.
+        """
+        vae = self.pipe.vae
+        pixels, finite = to_pixels(vae, latents, tiled)
+        pixels = pixels.cpu().numpy()
+        if finite.item() or vae.dtype != torch.float16 or not torch.isfinite(latents).all():
+            return pixels  # (non-finite latents come from the UNet: no decode mends them)
+        log.warning("the VAE overflowed float16; it decodes in float32 from now on")
+        vae.float()
+        return decode_latents(vae, latents, tiled)[0].cpu().numpy()
 
     def _warnings(self, request: GenerationRequest, guided: bool) -> list[str]:
         warnings = []
@@ -296,14 +322,23 @@ def _is_out_of_memory(exc: RuntimeError) -> bool:
     )
 
 
-def latents_to_pixels(vae, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
-    """The images as batch × height × width × 3 uint8, still on the device."""
+def decode_latents(
+    vae, latents: torch.Tensor, tiled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images as batch × height × width × 3 uint8, still on the device, and whether the
+    VAE gave only finite values (a bool tensor, also on the device). The latents are decoded
+    in the VAE's dtype, which may be wider than theirs."""
     decode = vae.tiled_decode if tiled else vae.decode
-    decoded = decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    decoded = decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     # The same arithmetic as diffusers' VaeImageProcessor, done on the device so that only
     # uint8 pixels cross to the host.
     pixels = ((decoded / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1)
+    return pixels.permute(0, 2, 3, 1), torch.isfinite(decoded).all()
+
+
+def latents_to_pixels(vae, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """``decode_latents``' images alone."""
+    return decode_latents(vae, latents, tiled)[0]
 
 
 class _Clock:

@@ -49,6 +49,8 @@ DOWN_ENDINGS = (
 )
 # Cross-attention width (the text embedding the UNet attends to) of the standard families.
 FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+# Key prefixes of layers in SDXL's second text encoder (kohya, diffusers, and a short form).
+SECOND_TEXT_ENCODER = ("lora_te2_", "text_encoder_2.", "te2.")
 
 
 class LoraFileError(RuntimeError):
@@ -113,10 +115,11 @@ def names_in(model_dir: str | Path) -> tuple[str, ...]:
 class LoraFile:
     path: Path
     layers: int  # adapted layers (one "down" matrix each)
-    text_width: int | None  # input width of its text-encoder layers' attention
+    text_width: int | None  # input width of its (first) text-encoder layers' attention
     cross_width: int | None  # input width of its UNet cross-attention key/value layers
     second_text_encoder: bool  # holds layers for SDXL's second text encoder
     short_hash: str  # A1111's "Lora hashes" entry
+    second_text_width: int | None = None  # the same as text_width, for the second encoder
 
     @property
     def family(self) -> str | None:
@@ -154,7 +157,7 @@ def inspect(path: Path) -> LoraFile:
             f"ends in {', '.join(DOWN_ENDINGS)} (is it a LoRA, or a LyCORIS type that diffusers "
             "does not load?)"
         )
-    text_width = cross_width = None
+    text_width = second_text_width = cross_width = None
     for key, shape in downs.items():
         if len(shape) < 2:
             continue
@@ -162,9 +165,21 @@ def inspect(path: Path) -> LoraFile:
         if "attn2" in parts and ({"to", "k"} <= parts or {"to", "v"} <= parts):
             cross_width = shape[1]
         elif ("te" in parts or "te1" in parts or "text" in parts) and "proj" in parts:
-            text_width = shape[1]
-    second = any(k.startswith(("lora_te2_", "text_encoder_2.", "te2.")) for k in header)
-    return LoraFile(path, len(downs), text_width, cross_width, second, a1111_hash(path))
+            # SDXL's two encoders differ in width (768 and 1280): each is checked on its own.
+            if key.startswith(SECOND_TEXT_ENCODER):
+                second_text_width = shape[1]
+            else:
+                text_width = shape[1]
+    second = any(k.startswith(SECOND_TEXT_ENCODER) for k in header)
+    return LoraFile(
+        path,
+        len(downs),
+        text_width,
+        cross_width,
+        second,
+        a1111_hash(path),
+        second_text_width=second_text_width,
+    )
 
 
 def a1111_hash(path: Path) -> str:

@@ -19,7 +19,8 @@ AUTOMATIC1111's web UI does:
   ""), so both are as long.
 * Each token's hidden state is multiplied by its weight, then the chunk is rescaled to its
   mean before weighting (the web UI's "Original" emphasis).
-* ``clip_skip`` 2 takes the penultimate layer's hidden states through the final layer norm.
+* ``clip_skip`` 2 takes the penultimate layer's hidden states through the final layer norm
+  (an encoder built with ``final_norm=False`` takes them as they are, as SDXL reads them).
 
 One deliberate difference: the web UI marks a ``BREAK`` with the weight -1, which brackets
 around it then multiply, so that inside brackets it stops breaking and is read as the word
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -155,11 +157,17 @@ class PromptTooLongError(ValueError):
 
 
 class PromptEncoder:
-    """Prompts of any length, with emphasis, through one CLIP tokenizer and text encoder."""
+    """Prompts of any length, with emphasis, through one CLIP tokenizer and text encoder.
 
-    def __init__(self, tokenizer, text_encoder):
+    ``final_norm``: whether the layer that ``clip_skip`` picks goes through the encoder's final
+    layer norm, as the web UI does for SD 1.x and 2.x. SDXL reads its penultimate layer as it
+    is, in the web UI as in diffusers.
+    """
+
+    def __init__(self, tokenizer, text_encoder, *, final_norm: bool = True):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.final_norm = final_norm
         self.length = min(
             tokenizer.model_max_length, text_encoder.config.max_position_embeddings
         )  # 77 for every Stable Diffusion 1.x/2.x
@@ -256,18 +264,20 @@ class PromptEncoder:
         """
         if clip_skip not in range(1, self.layers + 1):
             raise ValueError(f"clip_skip must be from 1 to {self.layers}, got {clip_skip}")
-        positive = self._checked(prompt, names[0], max_chunks)
+        positive = self.checked(prompt, names[0], max_chunks)
         # Checked even without guidance, so that a request is valid or not whatever its scale.
-        negative = self._checked(negative_prompt or "", names[1], max_chunks)
+        negative = self.checked(negative_prompt or "", names[1], max_chunks)
         if not guided:
             return Conditioning(self.embed(positive.chunks, clip_skip), None)
         count = max(len(positive.chunks), len(negative.chunks))
         return Conditioning(
-            self.embed(self._padded(positive.chunks, count), clip_skip),
-            self.embed(self._padded(negative.chunks, count), clip_skip),
+            self.embed(self.padded(positive.chunks, count), clip_skip),
+            self.embed(self.padded(negative.chunks, count), clip_skip),
         )
 
-    def _checked(self, text: str, name: str, max_chunks: int) -> Tokenized:
+    def checked(self, text: str, name: str, max_chunks: int) -> Tokenized:
+        """``text`` tokenized, or a ``ValueError`` naming the field ``name`` if it takes more
+        than ``max_chunks`` chunks or weighs a token absurdly."""
         tokenized = self.tokenize(text)
         chunks = len(tokenized.chunks)
         if chunks > max_chunks:
@@ -287,7 +297,8 @@ class PromptEncoder:
                     )
         return tokenized
 
-    def _padded(self, chunks: list[Chunk], count: int) -> list[Chunk]:
+    def padded(self, chunks: list[Chunk], count: int) -> list[Chunk]:
+        """``chunks`` followed by empty ones (the encoding of ""), ``count`` in all."""
         return chunks + [self.empty_chunk()] * (count - len(chunks))
 
     def embed(self, chunks: list[Chunk], clip_skip: int = 1) -> torch.Tensor:
@@ -298,6 +309,11 @@ class PromptEncoder:
     def hidden(self, chunks: list[Chunk], clip_skip: int = 1) -> torch.Tensor:
         """Each chunk through the text encoder, weighted: ``(len(chunks), 77, hidden)``, in
         one forward pass. Gradients flow when enabled (training uses this too)."""
+        return self.encode_chunks(chunks, clip_skip)[0]
+
+    def encode_chunks(self, chunks: list[Chunk], clip_skip: int = 1) -> tuple[torch.Tensor, Any]:
+        """``hidden``'s states, and the text encoder's whole output for the same pass (its
+        ``text_embeds``, with a projection, are the pooled embedding that SDXL uses)."""
         encoder = self.text_encoder
         ids = torch.tensor([c.ids for c in chunks], device=encoder.device)
         mask = None
@@ -306,18 +322,20 @@ class PromptEncoder:
             mask = torch.tensor(
                 [[1] * end + [0] * (self.length - end) for end in ends], device=encoder.device
             )
-        if clip_skip == 1:
-            hidden = encoder(ids, attention_mask=mask)[0]
+        if clip_skip == 1 and self.final_norm:
+            output = encoder(ids, attention_mask=mask)
+            hidden = output.last_hidden_state
         else:
-            states = encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            # transformers 5.6 dropped the `text_model` wrapper that older versions (and
-            # diffusers' own clip_skip) reach the final layer norm through.
-            norm = getattr(encoder, "text_model", encoder).final_layer_norm
-            hidden = norm(states[-clip_skip])
+            output = encoder(ids, attention_mask=mask, output_hidden_states=True)
+            hidden = output.hidden_states[-clip_skip]
+            if self.final_norm:
+                # transformers 5.6 dropped the `text_model` wrapper that older versions (and
+                # diffusers' own clip_skip) reach the final layer norm through.
+                hidden = getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
         weighted = [i for i, c in enumerate(chunks) if c.weighted]
         if weighted:
             hidden = self._emphasise(hidden, chunks, weighted)
-        return hidden.to(dtype=encoder.dtype)
+        return hidden.to(dtype=encoder.dtype), output
 
     def _emphasise(self, hidden: torch.Tensor, chunks: list[Chunk], rows: list[int]):
         """Scale each token's hidden state by its weight, then restore the chunk's mean."""

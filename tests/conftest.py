@@ -1,4 +1,5 @@
-"""Shared fixtures: the shipped model, loaded once per test session as the runtime loads it."""
+"""Shared fixtures: the shipped model and a tiny SDXL one, each loaded once per test session as
+the runtime loads it; ``family_handler`` runs a test once with each."""
 
 from __future__ import annotations
 
@@ -21,6 +22,28 @@ def repo_root():
 def handler():
     """The repo's own EndpointHandler, built from handler.py by file path."""
     return load_handler(REPO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    """A tiny SDXL model (random weights, 128x128 native) with the repo's handler.py beside it,
+    as a repository serving SDXL holds it."""
+    from model_tools.tiny_sdxl import tiny_sdxl_folder  # imports diffusers: only when used
+
+    folder = tiny_sdxl_folder(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+    (folder / "handler.py").symlink_to(REPO_ROOT / "handler.py")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_handler(sdxl_folder):
+    return load_handler(sdxl_folder)
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def family_handler(request):
+    """The shipped SD model's handler, then the tiny SDXL model's: the same test for each."""
+    return request.getfixturevalue("handler" if request.param == "sd" else "sdxl_handler")
 
 
 def decode_image(payload: str) -> Image.Image:

@@ -35,22 +35,22 @@ def test_loads_like_the_runtime_on_cpu_in_float32(handler):
     assert handler.engine.pipe.safety_checker is None
 
 
-def test_defaults_give_a_png_of_the_native_size(handler):
-    response = handler({"inputs": "a red circle on a white background"})
+def test_defaults_give_a_png_of_the_native_size(family_handler):
+    response = family_handler({"inputs": "a red circle on a white background"})
     assert set(response) == set(GenerationResponse.model_fields)
     assert response["images"] == [response["image"]]
     assert response["seeds"] == [response["seed"]]
     assert response["nsfw_content_detected"] is None  # no checker ships with this model
     image = decode_image(response["image"])
     assert image.format == "PNG"
-    assert image.size == handler.engine.native_size[::-1]
+    assert image.size == family_handler.engine.native_size[::-1]
     assert response["parameters"]["num_inference_steps"] == DEFAULT_STEPS == 25
     assert response["parameters"]["guidance_scale"] == DEFAULT_GUIDANCE == 7.5
     assert 0 <= response["seed"] < 2**32
     assert response["warnings"] == []
 
 
-def test_flat_and_standard_forms_give_identical_bytes(handler):
+def test_flat_and_standard_forms_give_identical_bytes(family_handler):
     values = {
         "negative_prompt": "blue",
         "height": 64,
@@ -58,35 +58,35 @@ def test_flat_and_standard_forms_give_identical_bytes(handler):
         "guidance_scale": 5.0,
         "seed": 7,
     }
-    flat = handler({"inputs": "a green square", **values, "inference_steps": 5})
-    standard = handler(
+    flat = family_handler({"inputs": "a green square", **values, "inference_steps": 5})
+    standard = family_handler(
         {"inputs": "a green square", "parameters": {**values, "num_inference_steps": 5}}
     )
     assert flat["image"] == standard["image"]
     assert flat["parameters"] == standard["parameters"]
 
 
-def test_same_seed_gives_identical_png_and_other_seed_differs(handler):
+def test_same_seed_gives_identical_png_and_other_seed_differs(family_handler):
     request = {"inputs": "a blue triangle", "seed": 1234, **FAST}
-    first, second = handler(request), handler(dict(request))
-    other = handler({**request, "seed": 1235})
+    first, second = family_handler(request), family_handler(dict(request))
+    other = family_handler({**request, "seed": 1235})
     assert first["image"] == second["image"]
     assert first["seed"] == 1234
     assert other["image"] != first["image"]
 
 
-def test_drawn_seed_is_returned_and_reproduces_the_image(handler):
-    drawn = handler({"inputs": "a yellow circle", **FAST})
-    again = handler({"inputs": "a yellow circle", "seed": drawn["seed"], **FAST})
+def test_drawn_seed_is_returned_and_reproduces_the_image(family_handler):
+    drawn = family_handler({"inputs": "a yellow circle", **FAST})
+    again = family_handler({"inputs": "a yellow circle", "seed": drawn["seed"], **FAST})
     assert again["image"] == drawn["image"]
     # The echoed parameters are a complete request: sending them back reproduces the image.
-    echoed = handler({"inputs": "a yellow circle", "parameters": drawn["parameters"]})
+    echoed = family_handler({"inputs": "a yellow circle", "parameters": drawn["parameters"]})
     assert echoed["image"] == drawn["image"]
 
 
 @pytest.mark.parametrize(("height", "width"), [(64, 128), (128, 64), (72, 200)])
-def test_non_square_sizes_come_out_as_asked(handler, height, width):
-    response = handler({"inputs": "a red square", "height": height, "width": width, **FAST})
+def test_non_square_sizes_come_out_as_asked(family_handler, height, width):
+    response = family_handler({"inputs": "a red square", "height": height, "width": width, **FAST})
     assert decode_image(response["image"]).size == (width, height)
 
 
@@ -97,15 +97,15 @@ def test_integral_floats_count_as_integers(handler):
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
-def test_lossy_output_formats_decode(handler, fmt):
-    response = handler({"inputs": "a red square", "output_format": fmt, **FAST})
+def test_lossy_output_formats_decode(family_handler, fmt):
+    response = family_handler({"inputs": "a red square", "output_format": fmt, **FAST})
     assert decode_image(response["image"]).format == fmt.upper()
 
 
 @pytest.mark.parametrize("name", [s for s in SCHEDULERS if s != "default"])
-def test_every_scheduler_generates_reproducibly(handler, name):
+def test_every_scheduler_generates_reproducibly(family_handler, name):
     request = {"inputs": "a green circle", "scheduler": name, "seed": 5, **FAST}
-    first, second = handler(request), handler(request)
+    first, second = family_handler(request), family_handler(request)
     assert first["image"] == second["image"]
     assert first["parameters"]["scheduler"] == name
 
@@ -115,13 +115,31 @@ def test_default_scheduler_is_the_model_folders_own(handler, repo_root):
     assert type(handler.engine.new_scheduler("default")).__name__ == config["_class_name"]
 
 
-def test_a_prompt_past_77_tokens_is_used_whole_without_a_warning(handler):
-    response = handler({"inputs": "a red circle " * 20, **FAST})  # 200 tokens: 3 chunks
+def test_a_prompt_past_77_tokens_is_used_whole_without_a_warning(family_handler):
+    response = family_handler({"inputs": "a red circle " * 20, **FAST})  # 200 tokens: 3 chunks
     assert response["warnings"] == []
 
 
-def test_warns_that_negative_prompt_needs_guidance(handler):
-    response = handler(
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"inputs": "a blue square"},
+        {"negative_prompt": "red"},
+        {"guidance_scale": 3.0},
+        {"inference_steps": 5},
+        {"seed": 8},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_each_field_that_shapes_the_image_changes_it(family_handler, change):
+    request = {"inputs": "a red circle", "seed": 7, "height": 64, "width": 64, **FAST}
+    changed, unchanged = family_handler({**request, **change}), family_handler(request)
+    # Pixels, not bytes: the PNG's parameters text differs anyway.
+    assert not np.array_equal(_pixels(changed), _pixels(unchanged))
+
+
+def test_warns_that_negative_prompt_needs_guidance(family_handler):
+    response = family_handler(
         {"inputs": "a red circle", "negative_prompt": "blue", "guidance_scale": 1, **FAST}
     )
     assert any("negative_prompt" in w for w in response["warnings"])

@@ -42,28 +42,28 @@ def user_comment(image: Image.Image) -> str | None:
     return raw[8:].decode("utf-16-be")
 
 
-def test_png_carries_a_parameters_text_chunk_in_a1111_format(handler):
-    image = opened(handler(REQUEST)["image"])
+def test_png_carries_a_parameters_text_chunk_in_a1111_format(family_handler):
+    image = opened(family_handler(REQUEST)["image"])
     assert image.format == "PNG"
     assert image.info["parameters"] == INFOTEXT
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
-def test_jpeg_and_webp_carry_it_as_exif_user_comment(handler, fmt):
-    image = opened(handler({**REQUEST, "output_format": fmt})["image"])
+def test_jpeg_and_webp_carry_it_as_exif_user_comment(family_handler, fmt):
+    image = opened(family_handler({**REQUEST, "output_format": fmt})["image"])
     assert image.format == fmt.upper()
     assert user_comment(image) == INFOTEXT
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
-def test_metadata_false_writes_none(handler, fmt):
-    image = opened(handler({**REQUEST, "output_format": fmt, "metadata": False})["image"])
+def test_metadata_false_writes_none(family_handler, fmt):
+    image = opened(family_handler({**REQUEST, "output_format": fmt, "metadata": False})["image"])
     assert "parameters" not in image.info
     assert user_comment(image) is None
 
 
-def test_each_image_of_a_batch_names_its_own_seed(handler):
-    response = handler({**REQUEST, "num_images_per_prompt": 3})
+def test_each_image_of_a_batch_names_its_own_seed(family_handler):
+    response = family_handler({**REQUEST, "num_images_per_prompt": 3})
     seeds = [
         opened(p).info["parameters"].split("Seed: ")[1].split(",")[0] for p in response["images"]
     ]

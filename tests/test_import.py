@@ -27,6 +27,8 @@ from sd_endpoint.loader import REPO_ROOT, load_handler
 from tests.conftest import decode_image
 
 REQUEST = {"inputs": "a red circle on a white background", "seed": 3, "inference_steps": 4}
+# The model entries the shipped (SD 1.x) model has: a stand-in for a repository's own model.
+SHIPPED_ENTRIES = [name for name in importer.MODEL_ENTRIES if (REPO_ROOT / name).exists()]
 PLAIN_LOAD = """
 import sys, numpy, torch
 from diffusers import StableDiffusionPipeline
@@ -88,7 +90,7 @@ def target(work) -> Path:
     """A stand-in for a model repo: the shipped model plus files the import must not touch."""
     folder = work / "repo" / "target"  # alone in its parent, which must stay clean too
     folder.parent.mkdir()
-    for name in importer.MODEL_ENTRIES[:6]:
+    for name in SHIPPED_ENTRIES:
         source = REPO_ROOT / name
         if source.is_dir():
             shutil.copytree(source, folder / name)
@@ -401,7 +403,7 @@ def test_a_folder_of_pickle_weights_is_refused_unless_allowed(
 ):
     folder = work / "pickled-folder"
     folder.mkdir()
-    for name in importer.MODEL_ENTRIES[:6]:
+    for name in SHIPPED_ENTRIES:
         source = REPO_ROOT / name
         if source.is_dir():
             shutil.copytree(source, folder / name)
@@ -421,16 +423,16 @@ def test_a_folder_of_pickle_weights_is_refused_unless_allowed(
     assert "unet holds no weights" in refuse(capsys, folder, "--allow-pickle", "--out", guarded)
 
 
-def test_refuses_sdxl_naming_it(work, guarded, capsys):
-    path = work / "sdxl.safetensors"
+def test_refuses_the_sdxl_refiner_naming_it(work, guarded, capsys):
+    path = work / "sdxl-refiner.safetensors"
     save_file(
         {
-            "conditioner.embedders.0.transformer.x": torch.zeros(1),
+            "conditioner.embedders.0.model.text_projection": torch.zeros(1),
             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
         },
         str(path),
     )
-    assert "SDXL" in refuse(capsys, path, "--out", guarded)
+    assert "the SDXL refiner" in refuse(capsys, path, "--out", guarded)
 
 
 @pytest.mark.parametrize("part", ["first_stage_model.", "cond_stage_model."])

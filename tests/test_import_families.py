@@ -64,5 +64,7 @@ def test_a_family_whose_first_encoder_is_another_familys_only_one_is_told_by_its
 def test_the_writer_wants_one_state_per_text_encoder():
     with pytest.raises(ValueError, match="1 text encoder"):
         to_original("sd1", {}, {}, {}, {})
-    with pytest.raises(ValueError, match="not one of sd1, sd2"):
+    with pytest.raises(ValueError, match="2 text encoder"):
         to_original("sdxl", {}, {}, {}, {}, {})
+    with pytest.raises(ValueError, match="not one of sd1, sd2, sdxl"):
+        to_original("sd3", {}, {}, {}, {}, {})

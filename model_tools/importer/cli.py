@@ -1,4 +1,4 @@
-"""Import a Stable Diffusion 1.x / 2.x model into this repository, in one command.
+"""Import a Stable Diffusion 1.x, 2.x or XL model into this repository, in one command.
 
     python -m model_tools.importer model.safetensors   # a single-file checkpoint (A1111 layout)
     python -m model_tools.importer path/to/folder      # a diffusers folder, e.g. a Hub repo clone
@@ -6,7 +6,8 @@
 
 It writes a complete diffusers folder (default: this repo's own model folders, replacing the
 shipped model) that the handler serves unchanged and that a plain
-``StableDiffusionPipeline.from_pretrained(folder)`` loads in both supported library stacks,
+``StableDiffusionPipeline.from_pretrained(folder)`` (``StableDiffusionXLPipeline`` for SDXL)
+loads in both supported library stacks,
 then loads it the way the endpoint does and makes one small image. Everything is checked
 before any work starts, written beside the target and swapped in only once complete and
 verified: on any error the target folder is left exactly as it was.
@@ -98,13 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the UNet predicts; it is not stored in the weights. Default: the scheduler "
         "config's (of the folder, or of the single file's configs): epsilon for SD 1.x, "
         "v_prediction at 768x768 for SD 2.x, as SD 2.0/2.1-768 and their fine-tunes; give "
-        "epsilon for the 512x512 SD 2.x 'base' models",
+        "epsilon for the 512x512 SD 2.x 'base' models; epsilon for SDXL unless the file "
+        "has a v_pred key",
     )
     parser.add_argument(
         "--config",
         type=Path,
-        help="diffusers folder whose configs and tokenizer describe a single-file checkpoint "
-        "(default: the SD 1.x / 2.x configs shipped in model_tools/configs/)",
+        help="diffusers folder whose configs and tokenizers describe a single-file checkpoint "
+        "(default: its family's configs, shipped in model_tools/configs/)",
     )
     parser.add_argument(
         "--ema",
@@ -179,6 +181,7 @@ def plan_import(args: argparse.Namespace) -> Plan:
         if not args.prediction_type and shipped:
             plan.prediction_type = shipped.default_prediction
             plan.prediction_said = shipped.prediction_note
+        read_scheduler_markers(plan, keys, args.prediction_type)
         plan.has_ema = single_file.has_ema(keys)
         if plan.has_ema:
             plan.notes.append(
@@ -201,6 +204,27 @@ def plan_import(args: argparse.Namespace) -> Plan:
     if args.config and plan.kind != "single-file":
         raise ImportFailed("--config describes a single-file checkpoint; SOURCE is not one")
     return plan
+
+
+def read_scheduler_markers(plan: Plan, keys: list[str], asked: str | None) -> None:
+    """What the file's marker keys (SDXL's ``v_pred``, ``ztsnr``) say about its scheduler;
+    ``asked`` (--prediction-type) wins over a marker's prediction type."""
+    for key, settings in plan.family.markers_in(keys).items():
+        settings = dict(settings)
+        prediction = settings.pop("prediction_type", None)
+        if prediction and asked and asked != prediction:
+            plan.notes.append(
+                f"the file's {key} key means {prediction}; --prediction-type {asked} overrides it"
+            )
+        elif prediction:
+            plan.prediction_type = prediction
+            plan.prediction_said = f" (the file's {key} key)"
+        if settings:
+            plan.scheduler_options |= settings
+            plan.notes.append(
+                f"the file's {key} key: the scheduler set to "
+                + ", ".join(f"{name} {value}" for name, value in settings.items())
+            )
 
 
 def check_out(out: Path) -> None:
@@ -272,7 +296,10 @@ def run(plan: Plan) -> list[str]:
         del pipe
         gc.collect()
         converted = time.perf_counter()
-        check = "skipped (--skip-check)" if plan.skip_check else write.check_written(staged)
+        parameters = sum(counts.values())
+        check = (
+            "skipped (--skip-check)" if plan.skip_check else write.check_written(staged, parameters)
+        )
         size = write.folder_size(staged)
         write.swap_in(staged, plan.out, work / "replaced")
     except Exception as exc:  # safetensors reports a full disk as its own SafetensorError

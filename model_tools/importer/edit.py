@@ -106,7 +106,8 @@ def fuse_lora(pipe, family: Family, lora: Lora, staging: Path, index: int) -> st
     if not changed:
         raise ImportFailed(
             f"--lora {lora.path.name} matched none of this model's layers (its keys fit "
-            "neither the UNet nor the text encoder; is it for another model family, such as SDXL?)"
+            f"neither the UNet nor the text encoders; is it for a model family other than "
+            f"{family.name}?)"
         )
     parts = ", ".join(f"{n} {name}" for name, n in changed.items())
     return f"{lora.path.name} at scale {lora.scale:g}: {parts} weights changed"

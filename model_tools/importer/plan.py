@@ -36,6 +36,8 @@ class Plan:
     standard_sizes: bool = True
     prediction_type: str | None = None
     prediction_said: str = ""
+    # Scheduler settings besides the prediction type (from a single file's marker keys).
+    scheduler_options: dict[str, object] = field(default_factory=dict)
     ema: bool = False
     has_ema: bool = False
     loras: list[Lora] = field(default_factory=list)

@@ -49,9 +49,8 @@ def write_model(pipe, tokenizers: Path, target: Path, plan: Plan) -> None:
     family = plan.family
     dtype = getattr(torch, plan.dtype)
     for name in ("unet", "vae"):
-        module = getattr(pipe, name)
-        module.to(dtype).save_pretrained(target / name, safe_serialization=True)
-        module.to(torch.float32)
+        # Already in `dtype` but for a replaced VAE; a no-op `to` keeps the tensors shared.
+        getattr(pipe, name).to(dtype).save_pretrained(target / name, safe_serialization=True)
     for encoder in family.text_encoders:
         write_text_encoder(getattr(pipe, encoder.component), target / encoder.component, dtype)
         write_tokenizer_files(tokenizers / encoder.tokenizer, target / encoder.tokenizer)
@@ -141,8 +140,14 @@ def write_gitattributes(target: Path, out: Path) -> None:
 # Checking the written folder the way the endpoint loads it, then swapping it in
 
 
-def check_written(folder: Path) -> str:
-    """Load ``folder`` through the repo's handler.py as the runtime does, make one image."""
+def check_written(folder: Path, parameters: int) -> str:
+    """Load ``folder`` through the repo's handler.py as the runtime does, make one image.
+
+    ``parameters`` (the model's) decide one thing: on a CPU, where the float32 copy that the
+    endpoint takes on a CPU without fast bfloat16 would not fit in the memory available (SDXL
+    needs 14 GB), the check loads bfloat16 instead (half that, and slower there, but it checks
+    the same weights), unless SD_DTYPE says otherwise.
+    """
     import base64
     import io
 
@@ -154,7 +159,11 @@ def check_written(folder: Path) -> str:
     spec = importlib.util.spec_from_file_location("_imported_handler", REPO_ROOT / "handler.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    settings = Settings.from_env({**os.environ, "SD_WARMUP": "", "SD_COMPILE": "off"})
+    environ = {**os.environ, "SD_WARMUP": "", "SD_COMPILE": "off"}
+    in_bfloat16 = "SD_DTYPE" not in environ and float32_does_not_fit(parameters, environ)
+    if in_bfloat16:
+        environ["SD_DTYPE"] = "bfloat16"
+    settings = Settings.from_env(environ)
     started = time.perf_counter()
     try:
         handler = module.EndpointHandler(str(folder), settings)
@@ -170,10 +179,35 @@ def check_written(folder: Path) -> str:
             "the written model loads but draws a uniform image (all pixels "
             f"{pixels.flat[0]}): its weights overflow or are broken"
         )
+    how = " (in bfloat16: float32 would not fit in memory)" if in_bfloat16 else ""
     return (
-        f"loaded as the endpoint does in {loaded - started:.1f} s; a {CHECK_SIZE}x{CHECK_SIZE}, "
-        f"2-step image in {time.perf_counter() - loaded:.1f} s"
+        f"loaded as the endpoint does{how} in {loaded - started:.1f} s; a "
+        f"{CHECK_SIZE}x{CHECK_SIZE}, 2-step image in {time.perf_counter() - loaded:.1f} s"
     )
+
+
+def float32_does_not_fit(parameters: int, environ) -> bool:
+    """Whether the check would run on a CPU, and ``parameters`` in float32 would take more
+    than the memory the system has available now (unknown outside Linux: assumed to fit)."""
+    import torch
+
+    device = environ.get("SD_DEVICE", "auto")
+    if device.startswith(("cuda", "mps")) or (device == "auto" and torch.cuda.is_available()):
+        return False
+    available = available_memory()
+    return available is not None and 4 * parameters > available
+
+
+def available_memory() -> int | None:
+    """MemAvailable, in bytes, from /proc/meminfo."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def swap_in(staged: Path, out: Path, backup: Path) -> None:

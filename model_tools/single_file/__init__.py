@@ -2,15 +2,17 @@
 
 A single-file checkpoint is the original (CompVis / Stability) layout that A1111 and most model
 sites share: one ``.safetensors`` holding ``model.diffusion_model.*`` (UNet),
-``first_stage_model.*`` (VAE) and the text encoder under its family's prefix (CLIP ViT-L/14
+``first_stage_model.*`` (VAE) and the text encoders under their family's prefixes (CLIP ViT-L/14
 under ``cond_stage_model.transformer.`` for SD 1.x, OpenCLIP ViT-H under
-``cond_stage_model.model.`` with fused q/k/v for SD 2.x; ``model_tools.families`` lists them),
-sometimes with ``model_ema.*`` copies of the UNet.
+``cond_stage_model.model.`` with fused q/k/v for SD 2.x, both CLIP ViT-L under
+``conditioner.embedders.0.transformer.`` and OpenCLIP ViT-bigG under
+``conditioner.embedders.1.model.`` for SDXL; ``model_tools.families`` lists them), sometimes with
+``model_ema.*`` copies of the UNet.
 
 Reading such a file is diffusers' job (``StableDiffusionPipeline.from_single_file(path,
-config=CONFIGS[family], local_files_only=True)``); this package says which family a file is and
-refuses what it cannot be, and writes the inverse, which diffusers does not ship: a diffusers
-folder back to one original-layout file.
+config=CONFIGS[family], local_files_only=True)``, ``StableDiffusionXLPipeline`` for SDXL); this
+package says which family a file is and refuses what it cannot be, and writes the inverse, which
+diffusers does not ship: a diffusers folder back to one original-layout file.
 
     layout.py     the layout's prefixes, the keys a complete file has, EMA names
     detect.py     which family a file is (or what else), its EMA weights

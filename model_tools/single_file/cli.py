@@ -1,7 +1,7 @@
 """Single-file Stable Diffusion checkpoints: which family a file is, and writing one.
 
 python -m model_tools.single_file write FOLDER OUT.safetensors [--dtype float32] [--ema]
-python -m model_tools.single_file random --family sd15 --out sd15.safetensors
+python -m model_tools.single_file random --family sd15 --out sd15.safetensors  # or sdxl-base
 python -m model_tools.single_file detect FILE.safetensors
 """
 

@@ -25,8 +25,8 @@ from .layout import (
 
 
 def detect_family(keys: Iterable[str], shapes: Mapping[str, Sequence[int]] | None = None) -> str:
-    """The family's key (``"sd1"``, ``"sd2"``) from a checkpoint's key names; raises
-    UnsupportedCheckpoint.
+    """The family's key (``"sd1"``, ``"sd2"``, ``"sdxl"``) from a checkpoint's key names;
+    raises UnsupportedCheckpoint.
 
     ``shapes`` (key -> shape, e.g. from ``safe_open(...).get_slice(key).get_shape()``) adds
     the checks that need them: an inpainting UNet (9 input channels) is refused.

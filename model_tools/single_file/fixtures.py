@@ -1,5 +1,6 @@
 """Test fixtures: the shipped model's SD 2.x-layout twin, miniature folders with each family's
-exact layout, and full-size checkpoints with seeded random weights."""
+exact layout, and full-size checkpoints with seeded random weights (SDXL's tiny serving model
+is ``model_tools.tiny_sdxl``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from model_tools.families import CONFIGS, SD2
+from model_tools.families import CONFIGS, FAMILIES, SD2
 
 from .key_maps import to_original
 from .write import cast
@@ -63,43 +64,54 @@ def tiny_sd2_folder(dest: str | Path, source: str | Path | None = None, seed: in
 
 
 def miniature_folder(dest: str | Path, family: str, seed: int = 0) -> Path:
-    """A few-MB diffusers folder with the family's exact layout: SD's block types and counts,
-    attention in the mid blocks and the VAE, SD 2.x's linear projections; narrow channels.
+    """A few-MB diffusers folder with the family's exact layout: its block types and counts,
+    attention in the mid blocks and the VAE, SD 2.x's and SDXL's linear projections, SDXL's
+    ten-layer transformers and pooled-text embedding; narrow channels.
 
-    Built from ``CONFIGS[family]`` (tokenizer, scheduler and all), for tests of key maps that
-    the shipped model, which lacks some of those layers, cannot reach.
+    Built from ``CONFIGS[family]`` (tokenizers, scheduler and all), for tests of key maps that
+    the shipped model, which lacks some of those layers, cannot reach. A family's text encoders
+    get different widths (32, 48), as diffusers tells SDXL's two apart by width.
     """
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig
 
     from model_tools.architecture import write_text_encoder
 
     dest = Path(dest)
     shutil.copytree(CONFIGS[family], dest, dirs_exist_ok=True)
     configs = {n: json.loads((dest / n / "config.json").read_text()) for n in ("unet", "vae")}
+    encoders = FAMILIES[family].text_encoders
+    widths = [32 + 16 * i for i in range(len(encoders))]
+    levels = len(configs["unet"]["block_out_channels"])
     unet = {
         **configs["unet"],
-        "block_out_channels": [32, 32, 64, 64],
+        "block_out_channels": [32, 32, 64, 64][:levels],
         "attention_head_dim": 4,
-        "cross_attention_dim": 32,
+        "cross_attention_dim": sum(widths),  # the encoders' hidden states, joined per token
         "sample_size": 8,
     }
+    if unet.get("addition_embed_type") == "text_time":  # six size numbers and the pooled text
+        unet |= {"addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 32}
     vae = {**configs["vae"], "block_out_channels": [32, 32, 32, 32], "sample_size": 64}
-    text = json.loads((dest / "text_encoder" / "config.json").read_text())
-    text |= {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
-    text |= {"num_hidden_layers": 2, "projection_dim": 32}
     torch.manual_seed(seed)
     for name, model in (
         ("unet", UNet2DConditionModel.from_config(unet)),
         ("vae", AutoencoderKL.from_config(vae)),
     ):
         model.save_pretrained(dest / name, safe_serialization=True)
-    config = CLIPTextConfig(**{k: v for k, v in text.items() if k != "architectures"})
-    write_text_encoder(CLIPTextModel(config).eval(), dest / "text_encoder", torch.float32)
+    for encoder, width in zip(encoders, widths, strict=True):
+        text = json.loads((dest / encoder.component / "config.json").read_text())
+        text |= {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2}
+        text |= {"num_hidden_layers": 2, "projection_dim": 32}
+        config = CLIPTextConfig(**{k: v for k, v in text.items() if k != "architectures"})
+        model = getattr(transformers, encoder.model_class)(config).eval()
+        write_text_encoder(model, dest / encoder.component, torch.float32)
     return dest
 
 
-FIXTURES = {"sd15": "sd1", "sd21-768": "sd2"}
+# Full-size fixtures (random_checkpoint) by name, and the family of each.
+FIXTURES = {"sd15": "sd1", "sd21-768": "sd2", "sdxl-base": "sdxl"}
 
 
 class _Noise:
@@ -141,41 +153,45 @@ def _random_like(shapes: Mapping[str, Sequence[int]], noise: _Noise, dtype) -> d
 
 
 def random_checkpoint(fixture: str, seed: int = 0, dtype: torch.dtype = torch.float16) -> dict:
-    """SD 1.5's or SD 2.1's exact architecture with seeded random weights, original layout.
+    """SD 1.5's, SD 2.1's or SDXL base's exact architecture with seeded random weights, in the
+    original layout.
 
     The modules are built on the meta device (no memory, no init) only for their names and
     shapes. SD 2.x files also get OpenCLIP's 24th layer, which SD 2.x does not use but real
-    files carry.
+    files carry. An SDXL one takes 6.9 GB in float16, built in memory: about that much RAM.
     """
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig
 
-    family = FIXTURES[fixture]
-    folder = CONFIGS[family]
-    configs = {
-        n: json.loads((folder / n / "config.json").read_text())
-        for n in ("unet", "vae", "text_encoder")
-    }
+    family = FAMILIES[FIXTURES[fixture]]
+    folder = CONFIGS[family.key]
+    names = ("unet", "vae", *family.text_components)
+    configs = {n: json.loads((folder / n / "config.json").read_text()) for n in names}
     with torch.device("meta"):
         modules = {
             "unet": UNet2DConditionModel.from_config(configs["unet"]),
             "vae": AutoencoderKL.from_config(configs["vae"]),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
         }
+        for encoder in family.text_encoders:
+            text = {k: v for k, v in configs[encoder.component].items() if k != "architectures"}
+            model_class = getattr(transformers, encoder.model_class)
+            modules[encoder.component] = model_class(CLIPTextConfig(**text))
     noise = _Noise(seed)
     states = {
         name: _random_like({k: v.shape for k, v in m.state_dict().items()}, noise, dtype)
         for name, m in modules.items()
     }
+    del modules
     state = to_original(
-        family,
-        states["unet"],
+        family.key,
+        states.pop("unet"),
         configs["unet"],
-        states["vae"],
+        states.pop("vae"),
         configs["vae"],
-        states["text_encoder"],
+        *(states.pop(name) for name in family.text_components),
     )
-    if family == "sd2":
+    if family is SD2:
         last = configs["text_encoder"]["num_hidden_layers"]  # the layer SD 2.x skips
         prefix = SD2.text_encoders[0].prefix
         src = f"{prefix}transformer.resblocks.{last - 1}."

@@ -1,6 +1,7 @@
 """Key maps from diffusers' names to the original single-file layout's, for each part: the
-UNet (LDM's ``openaimodel``), the VAE (LDM's ``autoencoder``) and the text encoder in either
-layout a family stores it in (``TEXT_TO_ORIGINAL``, keyed by ``TextEncoder.layout``).
+UNet (LDM's ``openaimodel``, SDXL's ``label_emb`` included), the VAE (LDM's ``autoencoder``)
+and each text encoder in the layout its family stores it in (``TEXT_TO_ORIGINAL``, keyed by
+``TextEncoder.layout``: SDXL's CLIP ViT-L as ``clip``, its ViT-bigG as ``openclip``).
 
 Reading the original layout is diffusers' job (``from_single_file``); these are the inverse,
 which diffusers does not ship. They are built from the published layouts and a folder's own
@@ -14,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from model_tools.families import FAMILIES
+from model_tools.families import FAMILIES, SUPPORTED_SHORT
 
 from .layout import UNET, VAE, UnsupportedCheckpoint, sample_keys
 
@@ -52,6 +53,13 @@ def unet_to_original(state: Mapping[str, torch.Tensor], config: Mapping) -> dict
         ("conv_norm_out.", "out.0.", None),
         ("conv_out.", "out.2.", None),
     ]
+    if config.get("addition_embed_type") == "text_time":
+        # SDXL's embedding of the pooled text and the size numbers, LDM's label_emb (a
+        # Sequential: linear, SiLU, linear); the sinusoidal add_time_proj has no weights.
+        prefixes += [
+            ("add_embedding.linear_1.", "label_emb.0.0.", None),
+            ("add_embedding.linear_2.", "label_emb.0.2.", None),
+        ]
     for i in range(levels):
         for j in range(config["layers_per_block"]):
             block = 1 + i * per_level + j
@@ -162,7 +170,7 @@ def _map_all(state: Mapping[str, torch.Tensor], prefixes, what: str) -> dict:
     if unknown:
         raise UnsupportedCheckpoint(
             f"{what} weights with no place in the original layout: {sample_keys(unknown)} "
-            "(not an SD 1.x / 2.x architecture)"
+            f"(not an {SUPPORTED_SHORT} architecture)"
         )
     return out
 

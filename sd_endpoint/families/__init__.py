@@ -6,9 +6,10 @@ whose weights the start-up check covers, how a prompt becomes the pipeline's tex
 model folder holds from its ``model_index.json``; nobody configures it. The engine and the
 handler consult the family they are given and branch on none.
 
-Adding a family (SDXL, say) is adding a module beside ``sd.py`` and an entry in ``FAMILIES``:
-a prompt encoder built on two ``PromptEncoder`` objects, returning a ``Conditioning`` subclass
-that adds the pooled embeddings; its pipeline's load options; the limits that admit its sizes.
+Adding a family is adding a module beside ``sd.py`` and an entry in ``FAMILIES``, as
+``sdxl.py`` is: a prompt encoder (SDXL's is built on two ``PromptEncoder`` objects and returns
+a ``Conditioning`` subclass that adds the pooled embeddings), its pipeline's load options, the
+limits that admit its sizes.
 """
 
 from __future__ import annotations
@@ -18,10 +19,19 @@ from pathlib import Path
 
 from .base import MODEL_INDEX, Family, TextConditioner, UnsupportedModelError
 from .sd import SD
+from .sdxl import SDXL
 
-__all__ = ["FAMILIES", "SD", "Family", "TextConditioner", "UnsupportedModelError", "detect"]
+__all__ = [
+    "FAMILIES",
+    "SD",
+    "SDXL",
+    "Family",
+    "TextConditioner",
+    "UnsupportedModelError",
+    "detect",
+]
 
-FAMILIES: tuple[Family, ...] = (SD,)
+FAMILIES: tuple[Family, ...] = (SD, SDXL)
 
 
 def detect(model_dir: str | Path) -> Family:

@@ -46,6 +46,11 @@ class Family:
     prompt_encoder: Callable[[Any], TextConditioner]
     # Extra keyword arguments of the pipeline's `from_pretrained`.
     load_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # Whether the VAE decodes in float32 when the model runs in float16 and the VAE's config
+    # says `force_upcast`, as diffusers' own pipeline for the family does: its SDXL pipeline
+    # does; its SD pipeline never reads the flag, which SD 1.5's VAE config sets although that
+    # VAE decodes well in float16. Any float16 decode that overflows is redone in float32.
+    honours_force_upcast: bool = False
     # Defaults of `Limits` fields that suit this family better; SD_* variables still win.
     limits: Mapping[str, int | float] = field(default_factory=lambda: MappingProxyType({}))
 
