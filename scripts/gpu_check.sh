@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (model_tools/gpu_check.py): GPU-marked tests, then full-size SD 1.5
-# in float16 at 512x512, 25 steps, stock diffusers vs the handler's settings, and an
-# out-of-memory check; everything in one JSON file. Under 8 minutes on an H100.
+# (512x512, 25 steps) and SDXL base (1024x1024, 30 steps) in float16, stock diffusers vs the
+# handler's settings, and an out-of-memory check; everything in one JSON file. A deadline
+# (--minutes, default 9) skips what would not fit, saying so.
 #   scripts/gpu_check.sh --download     # here, once: wheels for a GPU machine into .gpu-wheels/
 #   scripts/gpu_check.sh [OUT_DIR]      # there: needs CUDA torch, transformers, accelerate
 # A GPU machine without diffusers or pydantic gets them from .gpu-wheels/ (git-ignored).
