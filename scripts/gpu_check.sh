@@ -5,7 +5,8 @@
 # (--minutes, default 9) skips what would not fit, saying so.
 #   scripts/gpu_check.sh --download     # here, once: wheels for a GPU machine into .gpu-wheels/
 #   scripts/gpu_check.sh [OUT_DIR]      # there: needs CUDA torch, transformers, accelerate
-# A GPU machine without diffusers or pydantic gets them from .gpu-wheels/ (git-ignored).
+# A GPU machine without diffusers, pydantic or peft (for the shipped LoRA) gets them from
+# .gpu-wheels/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -14,12 +15,13 @@ if [ "${1:-}" = "--download" ]; then
   "$python" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .gpu-wheels diffusers==0.42.1 pydantic==2.14.4 \
-    pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 importlib-metadata==10.2.0
+    pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 importlib-metadata==10.2.0 \
+    peft==0.21.2
   exit 0
 fi
 out=${1:-${OUT:-/tmp/gpu-check}}
 mkdir -p "$out"
-if ! "$python" -c "import diffusers, pydantic" 2>/dev/null; then
+if ! "$python" -c "import diffusers, pydantic, peft" 2>/dev/null; then
   site=$(mktemp -d)
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
     .gpu-wheels/*.whl
