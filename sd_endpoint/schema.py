@@ -165,7 +165,9 @@ def request_model(
             default=1,
             description="Text-encoder layer to use, counted from the last: 1 (the last, as the "
             "model was trained) or 2 (the one before it, through the final layer norm), as in "
-            "AUTOMATIC1111 and as many fine-tunes' model cards ask for.",
+            "AUTOMATIC1111 and as many fine-tunes' model cards ask for. SDXL models already read "
+            "the layer before the last: there 1 and 2 both mean that, as in AUTOMATIC1111 and "
+            "ComfyUI.",
         )
         loras: LoraWeights(limits, lora_names) = Field(  # type: ignore[valid-type]
             default_factory=dict,
