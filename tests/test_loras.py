@@ -440,7 +440,11 @@ def test_the_cost_benchmark_runs_and_finds_a_request_without_loras_unchanged(tmp
     assert figures["lora_device_bytes"] > 0 and figures["lora_load_seconds"] > 0
     assert set(figures["ratios"]) == {
         "model alone (no loras/)",
+        "model alone, 1 step",
         "2 LoRAs loaded, none asked",
         "1 LoRA",
         "2 LoRAs",
+        "1 LoRA, after 2 (switch)",
+        "none, after 2 (switch)",
     }
+    assert 0 < figures["backup_bytes"]["1 LoRA"] <= figures["backup_bytes"]["2 LoRAs"]
