@@ -1,5 +1,6 @@
-"""What LoRAs cost: start-up time and memory per LoRA, and a request with one or two LoRAs
-against the same request without any, as ratios measured in one run.
+"""What LoRAs cost: start-up time and memory per LoRA, a request with one or two LoRAs
+against the same request without any, and the cost of switching LoRAs, as ratios measured in
+one run.
 
     python -m benchmarks.lora_cost                  # the shipped model, then SD 1.5's size
     python -m benchmarks.lora_cost --quick          # the shipped model only, fewer rounds
@@ -17,8 +18,15 @@ each LoRA took at start-up (reading, checking and loading it) and the bytes its 
 in memory (totals of two handlers in one process would measure the machine's file cache and
 allocator, not the LoRAs). Requests then run
 in rounds of alternating order, so that load on the machine hits every contender alike: the
-model alone, and the LoRA handler asked for no LoRA, one, and two. Ratios are medians of the
-per-round ratios. Absolute times depend on the machine; the ratios are what to compare.
+model alone, and the LoRA handler asked for no LoRA, one, and two, each after a request that
+asked for the same (the LoRAs stay patched into the weights: the steady state of an endpoint
+serving one style), and one LoRA and none after a request with two (a switch: the originals
+copied back, the new LoRAs patched in). Ratios are medians of the per-round ratios. Absolute
+times depend on the machine; the ratios are what to compare.
+
+A fused LoRA costs nothing per step, so a longer request costs what a short one does, plus
+the steps: ``--extrapolate N`` also gives the ratios at N steps, from the model alone's time
+per step (measured at 1 step and at ``--steps``).
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SD15_DIR = Path(tempfile.gettempdir()) / "sd15-random"
 PROMPT = "a red circle on a white background"
@@ -43,6 +53,7 @@ SEED = 1234
 RANK = 32
 MODEL_ENTRIES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 NAMES = ("style-a", "style-b")
+ALONE = "model alone (no loras/)"
 
 
 def make_handler(model_dir: Path, **overrides):
@@ -101,7 +112,13 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 
 def measure(
-    model_dir: Path, work: Path, size: int | None, steps: int, repeats: int, threads: int
+    model_dir: Path,
+    work: Path,
+    size: int | None,
+    steps: int,
+    repeats: int,
+    threads: int,
+    extrapolate: tuple[int, ...] = (),
 ) -> dict:
     """Start-up, memory and request times of ``model_dir`` without and with two LoRAs."""
     from model_tools.lora_files import random_lora, save_file
@@ -118,16 +135,21 @@ def measure(
         tensors = random_lora(plain.engine.pipe, RANK, seed=seed, strength=0.05)
         files[name] = save_file(tensors, folder / "loras" / f"{name}.safetensors")
     with_loras = make_handler(folder, **overrides)
-    adapters = with_loras.engine.adapters
 
     side = size or plain.engine.native_size[0]
     body = {"inputs": PROMPT, "height": side, "width": side, "num_inference_steps": steps}
     body["seed"] = SEED
     one, two = {NAMES[0]: 1.0}, {NAMES[0]: 1.0, NAMES[1]: 1.0}
     same = plain(body)["image"] == with_loras(body)["image"]
+    adapters = with_loras.engine.adapters
 
-    def timed(handler, request: dict):
+    def timed(handler, request: dict, after: dict | None = None):
+        """A request's time, right after a request that asked for the LoRAs ``after``."""
+
         def run() -> float:
+            if after is not None:  # patch those in, as that request would have
+                with torch.inference_mode(), adapters.active(after):
+                    pass
             began = time.perf_counter()
             handler(request)
             return time.perf_counter() - began
@@ -136,14 +158,22 @@ def measure(
 
     times = interleaved(
         {
-            "model alone (no loras/)": timed(plain, body),
-            "2 LoRAs loaded, none asked": timed(with_loras, body),
-            "1 LoRA": timed(with_loras, {**body, "loras": one}),
-            "2 LoRAs": timed(with_loras, {**body, "loras": two}),
+            ALONE: timed(plain, body),
+            "model alone, 1 step": timed(plain, {**body, "num_inference_steps": 1}),
+            "2 LoRAs loaded, none asked": timed(with_loras, body, after={}),
+            "1 LoRA": timed(with_loras, {**body, "loras": one}, after=one),
+            "2 LoRAs": timed(with_loras, {**body, "loras": two}, after=two),
+            "1 LoRA, after 2 (switch)": timed(with_loras, {**body, "loras": one}, after=two),
+            "none, after 2 (switch)": timed(with_loras, body, after=two),
         },
         repeats,
     )
-    alone = times["model alone (no loras/)"]
+    backups = {}
+    for label, weights in (("1 LoRA", one), ("2 LoRAs", two)):
+        with torch.inference_mode(), adapters.active(weights):
+            backups[label] = adapters.backup_bytes
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    step = (medians[ALONE] - medians["model alone, 1 step"]) / max(steps - 1, 1)
     pipe = with_loras.engine.pipe
     return {
         "model": str(model_dir),
@@ -155,9 +185,21 @@ def measure(
         "lora_file_bytes": statistics.mean(f.stat().st_size for f in files.values()),
         "lora_device_bytes": statistics.mean(adapters.sizes.values()),
         "lora_load_seconds": statistics.mean(adapters.load_seconds.values()),
+        "backup_bytes": backups,
         "none_asked_same_bytes": same,
-        "median_seconds": {name: statistics.median(t) for name, t in times.items()},
-        "ratios": {name: paired_ratio(t, alone) for name, t in times.items()},
+        "median_seconds": medians,
+        "ratios": {name: paired_ratio(t, times[ALONE]) for name, t in times.items()},
+        "step_seconds": step,
+        "extrapolated": {
+            steps_n: {
+                name: (seconds + (steps_n - steps) * step)
+                / (medians[ALONE] + (steps_n - steps) * step)
+                for name, seconds in medians.items()
+                if name != "model alone, 1 step"
+            }
+            for steps_n in extrapolate
+            if steps_n > steps
+        },
         "rounds": repeats,
     }
 
@@ -173,10 +215,18 @@ def report(label: str, result: dict) -> None:
         f"{result['lora_device_bytes'] / mib:,.1f} MiB in memory, loaded in "
         f"{result['lora_load_seconds']:.2f} s at start-up"
     )
+    backups = ", ".join(f"{n} {b / mib:,.1f} MiB" for n, b in result["backup_bytes"].items())
+    print(f"  original weights kept while patched (host memory): {backups}")
     print(f"  no LoRA asked gives the bytes of the model alone: {result['none_asked_same_bytes']}")
-    print(f"  {'request':28} {'median':>10} {'vs model alone':>15}   ({result['rounds']} rounds)")
+    extrapolated = result["extrapolated"]
+    heads = "".join(f"{f'at {n} steps':>12}" for n in extrapolated)
+    rounds = f"({result['rounds']} rounds)"
+    print(f"  {'request':28} {'median':>10} {'vs model alone':>15}{heads}   {rounds}")
     for name, seconds in result["median_seconds"].items():
-        print(f"  {name:28} {seconds * 1000:>8,.0f} ms {result['ratios'][name]:>15.3f}")
+        more = "".join(
+            f"{ratios[name]:>12.3f}" for ratios in extrapolated.values() if name in ratios
+        )
+        print(f"  {name:28} {seconds * 1000:>8,.0f} ms {result['ratios'][name]:>15.3f}{more}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sd15", type=Path, default=SD15_DIR, help=f"default: {SD15_DIR}")
     parser.add_argument("--size", type=int, default=256, help="SD 1.5's side (default 256)")
     parser.add_argument("--steps", type=int, default=3, help="SD 1.5's steps (default 3)")
+    parser.add_argument(
+        "--extrapolate", type=int, default=25, help="SD 1.5's ratios at this many steps too"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 10, 6)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: a shared machine)"
@@ -193,12 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import diffusers
-    import torch
     import transformers
 
+    load = os.getloadavg()[0]
     print(f"{cpu_name()}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
-          f"transformers {transformers.__version__}; {args.threads} thread(s)")  # fmt: skip
+          f"transformers {transformers.__version__}; {args.threads} thread(s); "
+          f"load average {load:.2f}")  # fmt: skip
     results = {"cpu": cpu_name(), "torch": torch.__version__, "threads": args.threads}
+    results["load_average_before"] = load
     with tempfile.TemporaryDirectory(prefix="lora-cost-") as work:
         # The first handler of a process pays for imports and first calls: not a LoRA's cost.
         make_handler(linked_model(REPO_ROOT, Path(work) / "first"), num_threads=args.threads)
@@ -209,9 +264,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick:
             sd15 = ensure_sd15(args.sd15)
             rounds = args.repeats or 6
-            full = measure(sd15, Path(work) / "sd15", args.size, args.steps, rounds, args.threads)
+            full = measure(
+                sd15,
+                Path(work) / "sd15",
+                args.size,
+                args.steps,
+                rounds,
+                args.threads,
+                (args.extrapolate,),
+            )
             report("SD 1.5's architecture (random weights)", full)
             results["sd15"] = full
+    results["load_average_after"] = os.getloadavg()[0]
+    print(f"\nload average after: {results['load_average_after']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -2,13 +2,17 @@
 
 Each file is loaded with diffusers' adapter API (``load_lora_weights``, over peft), which wraps
 every layer the LoRA adapts (in the UNet and the text encoders) in a peft ``LoraLayer`` that
-holds the base layer and each adapter's two small matrices. A wrapper costs Python time on
-every call even with no adapter active, so between requests the base layers go back where the
-wrappers were: a request without LoRAs runs exactly the modules, and makes exactly the bytes,
-that it did on a model that never had a LoRA. A request with LoRAs puts back the wrappers of
-the layers its LoRAs adapt, activates its adapters at its weights (what diffusers'
-``set_adapters`` does, layer by layer) and takes the wrappers out again when it is done. The
-engine does this inside its generation lock, so concurrent requests each get their own.
+holds the base layer and each adapter's two small matrices. The wrappers are taken out of the
+model again at once: every request runs the original modules, with no per-step cost.
+
+A request with LoRAs patches the weights instead, as AUTOMATIC1111 and ComfyUI do: each layer
+its LoRAs adapt gets each LoRA's delta at the request's weight (peft's own
+``get_delta_weight``, the sum diffusers' ``fuse_lora`` adds) added into its weight, after a
+copy of the original weight is kept in host memory. The patch stays after the request, so the
+next request with the same LoRAs and weights pays nothing; a request that asks for others (or
+none) first copies the originals back, exactly, so a request without LoRAs makes the bytes of
+a model that never had one. The engine calls this inside its generation lock, so concurrent
+requests each get their own.
 
 A file is checked at start-up as the model's own weights are (``sd_endpoint.weights``): one
 made for another model family, or with layers this model does not have, stops start-up with
@@ -35,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # The pipeline components that diffusers loads LoRA layers into.
 ADAPTED = ("unet", "text_encoder", "text_encoder_2")
+# Where the original weights of patched layers wait: host memory, which is plentiful, rather
+# than a GPU's, which is what limits the model, its LoRAs and the largest request.
+BACKUP_DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class Adapters:
         self.load_seconds: dict[str, float] = {}  # name -> start-up time it took
         self._adapter = {name: f"lora_{i}" for i, name in enumerate(files)}  # peft's names
         self._wrapped: list[_Wrapped] = []
+        self._patched: tuple[tuple[str, float], ...] = ()  # (adapter, weight) in the weights
+        self._backups: dict[int, torch.Tensor] = {}  # index in _wrapped -> original weight
         if not files:
             return
         try:
@@ -80,6 +89,7 @@ class Adapters:
             check_family(pipe, info)
             layers = load(pipe, path, self._adapter[name], BaseTunerLayer)
             check_layers(path, layers, info)
+            check_patchable(pipe, path, self._adapter[name], BaseTunerLayer)
             self.hashes[name] = info.short_hash
             self.sizes[name] = adapter_bytes(pipe, self._adapter[name], BaseTunerLayer)
             self.load_seconds[name] = time.perf_counter() - started
@@ -97,24 +107,51 @@ class Adapters:
     @contextlib.contextmanager
     def active(self, weights: Mapping[str, float]) -> Iterator[None]:
         """Within the block, the LoRAs ``weights`` names (name -> weight) act on the model; a
-        weight of 0 acts as if the LoRA were not named. Call with the generation lock held."""
+        weight of 0 acts as if the LoRA were not named. They stay patched into the weights
+        after the block, for the next request that asks for the same. Call with the
+        generation lock held."""
         weights = {name: weight for name, weight in sorted(weights.items()) if weight != 0}
         unknown = [name for name in weights if name not in self._adapter]
         if unknown:
             raise ValueError(f"no such LoRA: {', '.join(unknown)}")
-        adapters = {self._adapter[name]: weight for name, weight in weights.items()}
-        chosen = [layer for layer in self._wrapped if layer.adapters & adapters.keys()]
+        wanted = tuple((self._adapter[name], weight) for name, weight in weights.items())
+        if wanted != self._patched:
+            with torch.no_grad():
+                self._restore()
+                self._patch(wanted)
+        yield
+
+    def _patch(self, wanted: tuple[tuple[str, float], ...]) -> None:
+        """Add each adapter's delta at its weight into the weights of the layers it adapts,
+        keeping a copy of each original weight first."""
         try:
-            for layer in chosen:
-                held = [adapter for adapter in adapters if adapter in layer.adapters]
-                layer.wrapper.set_adapter(held)
-                for adapter in held:
-                    layer.wrapper.set_scale(adapter, adapters[adapter])
-                setattr(layer.parent, layer.attribute, layer.wrapper)
-            yield
-        finally:
-            for layer in chosen:
-                setattr(layer.parent, layer.attribute, layer.base)
+            for index, layer in enumerate(self._wrapped):
+                held = [
+                    (adapter, weight) for adapter, weight in wanted if adapter in layer.adapters
+                ]
+                if not held:
+                    continue
+                weight = layer.base.weight
+                self._backups[index] = weight.detach().to(BACKUP_DEVICE, copy=True)
+                for adapter, scale in held:
+                    layer.wrapper.set_scale(adapter, scale)  # what diffusers' set_adapters sets
+                    weight.data += layer.wrapper.get_delta_weight(adapter)  # as peft's merge
+        except BaseException:  # out of memory half-way: leave the model as it was
+            self._restore()
+            raise
+        self._patched = wanted
+
+    def _restore(self) -> None:
+        """Copy the original weights back (a copy, not a subtraction: the same bytes)."""
+        for index, original in self._backups.items():
+            self._wrapped[index].base.weight.data.copy_(original)
+        self._backups.clear()
+        self._patched = ()
+
+    @property
+    def backup_bytes(self) -> int:
+        """Host memory the copies of the patched layers' original weights take now."""
+        return sum(t.numel() * t.element_size() for t in self._backups.values())
 
 
 def check_family(pipe, info: loras.LoraFile) -> None:
@@ -175,6 +212,22 @@ def check_layers(path: Path, layers: int, info: loras.LoraFile) -> None:
             "layer of this model; the others name layers it does not have (is it made for "
             "another model?)"
         )
+
+
+def check_patchable(pipe, path: Path, adapter: str, tuner_layer: type) -> None:
+    """Raise for a LoRA whose effect is not a delta added to each weight: DoRA (it rescales
+    the weights) or one with bias terms, which requests could not patch in."""
+    for module in _adapted_modules(pipe):
+        for layer in module.modules():
+            if not (isinstance(layer, tuner_layer) and adapter in _held(layer)):
+                continue
+            if getattr(layer, "use_dora", {}).get(adapter) or getattr(layer, "lora_bias", {}).get(
+                adapter
+            ):
+                raise LoraFileError(
+                    f"{loras.FOLDER}/{path.name} is a DoRA or has bias terms, which this "
+                    "endpoint does not apply; use a plain LoRA"
+                )
 
 
 def adapter_bytes(pipe, adapter: str, tuner_layer: type) -> int:
