@@ -96,38 +96,43 @@ def pixels(handler, body: dict) -> np.ndarray:
     return np.asarray(decode_image(handler(body)["image"]), dtype=np.int16)
 
 
-def lora_layers(handler) -> dict[str, int]:
+def patched_layers(handler) -> dict[str, int]:
+    """How many layers of each component hold a LoRA patched into their weights."""
+    adapters = handler.engine.adapters
+    pipe = handler.engine.pipe
+    counts = dict.fromkeys(("unet", "text_encoder", "text_encoder_2"), 0)
+    for index in adapters._backups:
+        parent = adapters._wrapped[index].parent
+        for name in counts:
+            if any(m is parent for m in getattr(pipe, name).modules()):
+                counts[name] += 1
+    return counts
+
+
+def test_each_lora_loads_and_is_patched_into_its_layers_in_both_text_encoders(served, sdxl_handler):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    pipe = handler.engine.pipe
-    return {
-        name: sum(isinstance(m, BaseTunerLayer) for m in getattr(pipe, name).modules())
-        for name in ("unet", "text_encoder", "text_encoder_2")
-    }
-
-
-def test_each_lora_loads_and_switches_its_layers_in_both_text_encoders(served, sdxl_handler):
     assert served.engine.adapters.names == ("bigg", "kohya-text", "whole")
-    wrapped = {}
-    for layer in served.engine.adapters._wrapped:  # what a request can switch in
+    pipe = served.engine.pipe
+    adapted = {}
+    for layer in served.engine.adapters._wrapped:  # what a request can patch
         for name in ("unet", "text_encoder", "text_encoder_2"):
-            if any(m is layer.parent for m in getattr(served.engine.pipe, name).modules()):
-                wrapped[name] = wrapped.get(name, 0) + 1
+            if any(m is layer.parent for m in getattr(pipe, name).modules()):
+                adapted[name] = adapted.get(name, 0) + 1
     # The tiny UNet has 4 transformer blocks (down, mid, 2 up) of 2 attentions, 4 layers each;
     # the encoders 4 attention layers per encoder layer (3 in CLIP-L, 4 in bigG).
-    assert wrapped == {"unet": 32, "text_encoder": 12, "text_encoder_2": 16}
-    seen = []
-    hook = served.engine.pipe.text_encoder_2.register_forward_hook(
-        lambda *args: seen.append(lora_layers(served)["text_encoder_2"])
-    )
-    try:
-        served({**REQUEST, "loras": {"bigg": 1}})
-    finally:
-        hook.remove()
-    assert seen == [16]  # in while the encoder ran (once: the absent negative is zeros)
-    assert lora_layers(served) == {"unet": 0, "text_encoder": 0, "text_encoder_2": 0}
-    # A request without LoRAs makes the bytes of the model without any.
+    assert adapted == {"unet": 32, "text_encoder": 12, "text_encoder_2": 16}
+    # Requests run the original layers: no peft wrapper is ever in the forward path.
+    for name in adapted:
+        assert not any(isinstance(m, BaseTunerLayer) for m in getattr(pipe, name).modules())
+    served({**REQUEST, "loras": {"bigg": 1}})
+    assert patched_layers(served) == {"unet": 0, "text_encoder": 0, "text_encoder_2": 16}
+    served({**REQUEST, "loras": {"whole": 1}})
+    assert patched_layers(served) == {"unet": 32, "text_encoder": 12, "text_encoder_2": 16}
+    # A request without LoRAs puts the originals back and makes the bytes of the model
+    # without any.
     assert served(REQUEST)["image"] == sdxl_handler(REQUEST)["image"]
+    assert patched_layers(served) == {"unet": 0, "text_encoder": 0, "text_encoder_2": 0}
 
 
 @pytest.mark.parametrize("name", ["whole", "bigg", "kohya-text"])
@@ -138,13 +143,15 @@ def test_each_lora_changes_the_image_and_weight_0_does_not(served, name):
 
 
 def diffusers_pixels(folder: Path, name: str, weight: float, body: dict) -> np.ndarray:
-    """The image diffusers' own SDXL pipeline makes with the LoRA ``name`` set to ``weight``."""
+    """The image diffusers' own SDXL pipeline makes with the LoRA ``name`` set to ``weight``
+    and fused into the weights, as the endpoint patches it."""
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(
         str(folder / "loras"), weight_name=f"{name}.safetensors", adapter_name=name
     )
     pipe.set_adapters([name], adapter_weights=[weight])
+    pipe.fuse_lora()
     with torch.inference_mode():
         out = pipe(
             body["inputs"],
