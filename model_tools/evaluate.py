@@ -1,7 +1,8 @@
-"""Check that the shipped model draws what it is told, through the endpoint's own handler.
+"""Check that a toy model draws what it is told, through the endpoint's own handler.
 
     python -m model_tools.evaluate                         # the repo's model; ~5 min on 2 cores
     python -m model_tools.evaluate --grid docs/samples.png # also redraw the README's grid
+    python -m model_tools.evaluate --family sdxl           # the SDXL toy, tests/models/sdxl
 
 Every image comes from ``EndpointHandler.__call__`` as a client would get it, and is judged
 by the numpy measurements of ``model_tools.synthetic`` (border colour, nearest palette
@@ -28,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sd_endpoint.loader import REPO_ROOT, load_handler
 
 from .synthetic import BACKGROUNDS, COLOURS, SHAPES, Measurement, caption, measure
+from .toys import TOYS
 
 STEPS = 25
 GUIDED, UNGUIDED = 7.5, 1.0
@@ -262,10 +264,13 @@ def grid(outcomes: list[Outcome], path: Path, columns: int = 6, scale: int = 2) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
+        "--family", choices=sorted(TOYS), default="sd", help="whose toy model to evaluate"
+    )
+    parser.add_argument(
         "--model-dir",
         type=Path,
-        default=REPO_ROOT,
-        help="the model folder (its handler.py if it has one, else this repo's)",
+        help="the model folder (its handler.py if it has one, else this repo's); default: the "
+        "family's toy (the repo root for sd, tests/models/sdxl for sdxl)",
     )
     parser.add_argument("--native", type=int, default=72, help="prompts at the native size (>= 50)")
     parser.add_argument("--large", type=int, default=24, help="prompts at 512x512")
@@ -284,7 +289,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    generate = HandlerClient(args.model_dir)
+    generate = HandlerClient(args.model_dir or TOYS[args.family].folder)
     checks, runs = evaluate(generate, args.native, args.large, args.negative)
     print(table(checks))
     print(
