@@ -258,6 +258,8 @@ def main() -> None:
         help="torch threads; the shipped weights were trained with 1",
     )
     parser.add_argument("--log-every", type=int, default=100)
+    # Each toy's own defaults (its step counts), then what the command line says.
+    parser.set_defaults(**TOYS[parser.parse_known_args()[0].family].training)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
