@@ -5,12 +5,14 @@ the same weights."""
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from model_tools import architecture, tiny_sdxl
 from model_tools.synthetic import FILLER
@@ -98,3 +100,25 @@ def test_the_same_seed_trains_the_same_sdxl_toy(tmp_path):
     first, second = train_briefly(tmp_path / "a"), train_briefly(tmp_path / "b")
     assert "text_encoder_2/model.safetensors" in first
     assert first == second
+
+
+def test_the_sdxl_toy_is_a_small_sdxl_folder_written_for_both_stacks():
+    from model_tools.toys import TOYS
+
+    folder = TOYS["sdxl"].folder
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    assert size < 12 * 2**20, f"{size / 2**20:.1f} MB"
+    for name in ("tokenizer", "tokenizer_2"):
+        assert {"vocab.json", "merges.txt"} <= {p.name for p in (folder / name).iterdir()}
+    pad = [
+        json.loads((folder / name / "special_tokens_map.json").read_text())["pad_token"]
+        for name in ("tokenizer", "tokenizer_2")
+    ]
+    assert pad == ["<|endoftext|>", "!"]
+    for name in ("text_encoder", "text_encoder_2"):
+        with safe_open(folder / name / "model.safetensors", "pt") as weights:
+            keys = list(weights.keys())
+            assert weights.get_tensor(keys[0]).dtype == torch.float16
+        assert all(k.startswith(("text_model.", "text_projection.")) for k in keys)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    assert unet["addition_embed_type"] == "text_time"
