@@ -41,7 +41,9 @@ class EndpointHandler:
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
-        request = parse_request(data, self.settings.limits, self.engine.native_size)
+        request = parse_request(
+            data, self.settings.limits, self.engine.native_size, self.engine.adapters.names
+        )
         validated = time.perf_counter()
 
         result = self.engine.generate(request)
@@ -55,7 +57,9 @@ class EndpointHandler:
                 image,
                 request.output_format,
                 self.settings.png_compress_level,
-                a1111_parameters(request, seed, sampler) if request.metadata else None,
+                a1111_parameters(request, seed, sampler, self.engine.adapters.hashes)
+                if request.metadata
+                else None,
             )
             for image, seed in zip(screened.images, result.seeds, strict=True)
         ]

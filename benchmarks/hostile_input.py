@@ -25,7 +25,7 @@ from unittest import mock
 from hypothesis import strategies as st
 from PIL import Image
 
-from sd_endpoint import samplers
+from sd_endpoint import loras, samplers
 from sd_endpoint.loader import REPO_ROOT, load_handler
 from sd_endpoint.schema import (
     DEFAULT_GUIDANCE,
@@ -50,6 +50,7 @@ TIGHT_ENV = {
     # for the shipped tokenizer) always fit.
     "SD_MAX_PROMPT_CHUNKS": "3",
     "SD_MAX_IMAGES": "2",
+    "SD_MAX_LORA_WEIGHT": "1.5",
     "SD_WARMUP": "",
     # The examples' tensors are tiny: a second thread only adds spin-waiting, which costs 10x
     # on a CPU that other jobs share.
@@ -68,8 +69,11 @@ FIELDS = (
     "scheduler",
     "output_format",
     "clip_skip",
+    "loras",
     "metadata",
 )
+# The LoRAs of the repository (its shipped one), which the handlers under test load.
+LORA_NAMES = loras.names_in(REPO_ROOT)
 # A rejection is validation only: milliseconds. The bound is ~100x that so a loaded shared
 # machine does not flake, while a rejection that does real work (or hangs) still fails.
 REJECTION_BUDGET_S = 1.0
@@ -186,6 +190,14 @@ def valid_values(limits) -> dict[str, st.SearchStrategy]:
         ),
         "output_format": st.sampled_from(FORMATS),
         "clip_skip": st.sampled_from([1, 2, 1.0, 2.0]),
+        "loras": st.dictionaries(
+            st.sampled_from(LORA_NAMES),
+            st.one_of(
+                st.floats(-limits.max_lora_weight, limits.max_lora_weight),
+                st.integers(-int(limits.max_lora_weight), int(limits.max_lora_weight)),
+            ),
+            max_size=min(limits.max_loras, len(LORA_NAMES)),
+        ),
         "metadata": st.booleans(),
     }
 
@@ -378,6 +390,7 @@ class Prober:
             "output_format": "png",
             "num_images_per_prompt": 1,
             "clip_skip": 1,
+            "loras": {},
             "metadata": True,
         }
         if sent.get("scheduler") is not None:

@@ -4,14 +4,16 @@
     python -m model_tools.clip_bpe --source /tmp/clip/clip_anytorch-2.6.0-py3-none-any.whl
 
 The source is OpenAI's ``bpe_simple_vocab_16e6.txt.gz``, the merge list every Stable
-Diffusion 1.x / 2.x tokenizer is built from (CLIP ViT-L/14 and OpenCLIP ViT-H share it),
-read from the ``clip-anytorch`` wheel, its installed package, or the ``.gz`` itself. The
-vocabulary is rebuilt exactly as CLIP's own ``SimpleTokenizer`` builds it: the 256 byte
+Diffusion 1.x / 2.x / XL tokenizer is built from (CLIP ViT-L/14, OpenCLIP ViT-H and ViT-bigG
+share it), read from the ``clip-anytorch`` wheel, its installed package, or the ``.gz`` itself.
+The vocabulary is rebuilt exactly as CLIP's own ``SimpleTokenizer`` builds it: the 256 byte
 symbols, the same with ``</w>``, one token per merge, then the two specials.
 
-Both families get the same ``vocab.json`` and ``merges.txt`` (SD 2.x's folder links to SD 1.x's)
-and their own special tokens: SD 1.x pads with ``<|endoftext|>`` (id 49407), SD 2.x with ``!``
-(id 0), as the checkpoints were trained. Output is byte-for-byte reproducible.
+Every family's tokenizer folders (``model_tools.families``) get the same ``vocab.json`` and
+``merges.txt`` (the others link to SD 1.x's) and their own special tokens: CLIP ViT-L's
+tokenizers (SD 1.x, SDXL's ``tokenizer``) pad with ``<|endoftext|>`` (id 49407), OpenCLIP's
+(SD 2.x, SDXL's ``tokenizer_2``) with ``!`` (id 0), as the checkpoints were trained. Output
+is byte-for-byte reproducible.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import zipfile
 from pathlib import Path
 
 from .architecture import byte_alphabet
+from .families import EOS, FAMILIES, SD1
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+BOS = "<|startoftext|>"
 GZ_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP keeps the first 49152 - 256 - 2 merges of the file: with the 512 byte tokens and
 # the two specials that makes its 49408-token vocabulary.
@@ -34,7 +37,6 @@ N_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 49408
 MAX_TOKENS = 77
 CONFIGS = Path(__file__).parent / "configs"
-PAD_TOKENS = {"sd1": EOS, "sd2": "!"}
 SHARED_FILES = ("vocab.json", "merges.txt")
 
 
@@ -72,13 +74,13 @@ def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return vocab
 
 
-def special_tokens(family: str) -> dict[str, str]:
-    return {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD_TOKENS[family], "unk_token": EOS}
+def special_tokens(pad_token: str) -> dict[str, str]:
+    return {"bos_token": BOS, "eos_token": EOS, "pad_token": pad_token, "unk_token": EOS}
 
 
-def tokenizer_config(family: str) -> dict:
+def tokenizer_config(pad_token: str) -> dict:
     return {
-        **special_tokens(family),
+        **special_tokens(pad_token),
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "do_lower_case": True,
@@ -100,24 +102,27 @@ def _json(data: dict, indent: int | None = 2) -> str:
 
 
 def write_tokenizers(merges: list[tuple[str, str]], configs: Path = CONFIGS) -> None:
-    """Write ``configs/sd1/tokenizer`` and ``configs/sd2/tokenizer``."""
+    """Write every family's tokenizer folders, ``configs/<family>/<tokenizer>``; the first
+    (``sd1/tokenizer``) holds the vocabulary files, the others link to them."""
     vocab = build_vocab(merges)
-    first = configs / "sd1" / "tokenizer"
+    first = configs / SD1.key / SD1.text_encoders[0].tokenizer
     # One entry per line, in id order: compact, and diffs read well.
     lines = ",\n".join(f"{json.dumps(t, ensure_ascii=False)}: {i}" for t, i in vocab.items())
     _write(first / "vocab.json", "{\n" + lines + "\n}\n")
     _write(first / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    for family in PAD_TOKENS:
-        folder = configs / family / "tokenizer"
-        _write(folder / "special_tokens_map.json", _json(special_tokens(family)))
-        _write(folder / "tokenizer_config.json", _json(tokenizer_config(family)))
-        if folder == first:
-            continue
-        for name in SHARED_FILES:
-            link = folder / name
-            if link.exists() or link.is_symlink():
-                link.unlink()
-            link.symlink_to(os.path.relpath(first / name, folder))
+    for family in FAMILIES.values():
+        for encoder in family.text_encoders:
+            folder = configs / family.key / encoder.tokenizer
+            pad = encoder.pad_token
+            _write(folder / "special_tokens_map.json", _json(special_tokens(pad)))
+            _write(folder / "tokenizer_config.json", _json(tokenizer_config(pad)))
+            if folder == first:
+                continue
+            for name in SHARED_FILES:
+                link = folder / name
+                if link.exists() or link.is_symlink():
+                    link.unlink()
+                link.symlink_to(os.path.relpath(first / name, folder))
 
 
 def main() -> None:
@@ -130,7 +135,9 @@ def main() -> None:
     parser.add_argument("--configs", type=Path, default=CONFIGS)
     args = parser.parse_args()
     write_tokenizers(read_merges(args.source), args.configs)
-    print(f"wrote the SD 1.x and SD 2.x tokenizer files under {args.configs}")
+    names = [family.short for family in FAMILIES.values()]
+    names = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    print(f"wrote the {names} tokenizer files under {args.configs}")
 
 
 if __name__ == "__main__":

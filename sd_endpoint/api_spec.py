@@ -79,18 +79,20 @@ PREDICT_ROUTE = {
 }
 
 
-def describe(app: FastAPI, limits: Limits) -> dict:
+def describe(app: FastAPI, limits: Limits, lora_names: tuple[str, ...] = ()) -> dict:
     """The OpenAPI document of ``app``, with the request schemas for ``limits``."""
     spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-    spec.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas(limits))
+    spec.setdefault("components", {}).setdefault("schemas", {}).update(
+        request_schemas(limits, lora_names)
+    )
     spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return spec
 
 
-def request_schemas(limits: Limits) -> dict[str, dict]:
+def request_schemas(limits: Limits, lora_names: tuple[str, ...] = ()) -> dict[str, dict]:
     """JSON schemas of the request body, in both forms, from the handler's request model."""
     ref = "#/components/schemas/{model}"
-    flat = request_model(limits).model_json_schema(ref_template=ref)
+    flat = request_model(limits, lora_names).model_json_schema(ref_template=ref)
     properties = flat["properties"]
     for alias, target in ALIASES.items():
         properties[alias] = {

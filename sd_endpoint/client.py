@@ -2,6 +2,7 @@
 
     python -m sd_endpoint.client "a red circle on a white background" -o out.png --seed 7
     python -m sd_endpoint.client "a cat" --url https://xyz.endpoints.huggingface.cloud
+    python -m sd_endpoint.client "a red circle" --lora green-shapes:0.8
 
     from sd_endpoint.client import generate
     result = generate("a red circle on a white background", height=64, width=64, seed=7)
@@ -224,9 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, info in model.model_fields.items():
         if name == "inputs":
             continue
-        flags = ["--" + n.replace("_", "-") for n in (name, *_aliases_of(name))]
+        names = [name, *_aliases_of(name)]
+        if properties[name].get("type") == "object":
+            names.append(name.removesuffix("s"))  # one entry per use: --lora NAME:WEIGHT
         fields.add_argument(
-            *flags,
+            *["--" + n.replace("_", "-") for n in dict.fromkeys(names)],
             dest=name,
             default=None,
             help=info.description,
@@ -241,6 +244,8 @@ def _aliases_of(name: str) -> list[str]:
 
 def _argument_type(schema: dict) -> dict:
     """argparse ``type``/``choices`` for a field, from its JSON schema."""
+    if schema.get("type") == "object":  # name -> number, one entry per use of the option
+        return {"action": "append", "type": _entry, "metavar": "NAME[:WEIGHT]"}
     options = [schema, *schema.get("anyOf", [])]
     for option in options:
         if "enum" in option:
@@ -258,6 +263,26 @@ def _argument_type(schema: dict) -> dict:
     return {"metavar": "TEXT"}
 
 
+def _entry(text: str) -> tuple[str, float]:
+    """``NAME`` or ``NAME:NUMBER`` (1 when left out), as a prompt's <lora:NAME:WEIGHT> tag."""
+    name, colon, number = text.rpartition(":")
+    if not colon:
+        return text, 1.0
+    try:
+        return name, float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{number!r} is not a number (NAME or NAME:WEIGHT)"
+        ) from None
+
+
+def _added_up(entries: list[tuple[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for name, number in entries:
+        total[name] = total.get(name, 0.0) + number
+    return total
+
+
 def _boolean(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError("must be true or false")
@@ -269,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     fields = {
         name: getattr(args, name) for name in request_model().model_fields if name != "inputs"
     }
+    for name, value in fields.items():
+        if isinstance(value, list):  # an object field's entries, each option once
+            fields[name] = _added_up(value)
     if fields["output_format"] is None and args.output is not None:
         # `-o cat.jpg` alone asks for a JPEG.
         fields["output_format"] = SUFFIXES.get(args.output.suffix.lower())

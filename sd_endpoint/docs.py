@@ -26,14 +26,15 @@ def parameter_table(limits: Limits = DEFAULT_LIMITS) -> str:
     for name, field in model.model_fields.items():
         names = " / ".join(f"`{n}`" for n in [name, *[a for a, t in ALIASES.items() if t == name]])
         kind = _type_name(name, field.annotation)
+        value = None if field.is_required() else field.get_default(call_default_factory=True)
         if field.is_required():
             default = "required"
-        elif field.default is None:
+        elif value is None:
             default = "native size" if name in {"height", "width"} else "none"
-        elif isinstance(field.default, bool):
-            default = f"`{str(field.default).lower()}`"  # as JSON writes it
+        elif isinstance(value, bool):
+            default = f"`{str(value).lower()}`"  # as JSON writes it
         else:
-            default = f"`{field.default}`"
+            default = f"`{value}`"
         rows.append(f"| {names} | {kind} | {default} | {field.description} |")
     return "\n".join(rows)
 
@@ -43,6 +44,7 @@ def _type_name(name: str, annotation: object) -> str:
     if name in {"scheduler", "output_format"}:
         return "string (enum)"
     for token, label in (
+        ("dict", "object"),
         ("bool", "boolean"),
         ("str", "string"),
         ("int", "integer"),

@@ -24,6 +24,7 @@ from PIL import Image
 
 from . import families, samplers
 from .acceleration import auto_cpu_dtype, warn_if_slow_bfloat16
+from .adapters import Adapters
 from .families import Family
 from .schema import GenerationRequest, parse_request
 from .settings import Settings
@@ -154,6 +155,7 @@ class Engine:
             pipe.vae.float()  # its latents are cast at each decode
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        self.adapters = Adapters(pipe, path)  # the LoRAs of loras/, each request its own
         # Prompts of any length, AUTOMATIC1111's emphasis and clip skip, instead of the
         # pipeline's own encode_prompt (77 tokens at most).
         self.prompts = self.family.prompt_encoder(pipe)
@@ -222,7 +224,7 @@ class Engine:
         if request.seed is None:
             request = request.model_copy(update={"seed": secrets.randbelow(2**32)})
         try:
-            with self._lock, torch.inference_mode():
+            with self._lock, torch.inference_mode(), self.adapters.active(request.lora_weights):
                 return self._generate(request)
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             if not _is_out_of_memory(exc):
@@ -244,6 +246,7 @@ class Engine:
 
         # Compiled code was traced at batch 1: a batch runs eagerly rather than recompiling.
         compiled = (request.height, request.width) in self._compiled_sizes and len(seeds) == 1
+        compiled = compiled and not request.lora_weights  # LoRA layers are not in its graph
         unet = self._compiled_unet if compiled else self._eager_unet
         if pipe.unet is not unet:
             pipe.unet = unet

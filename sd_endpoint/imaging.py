@@ -12,6 +12,8 @@ import io
 
 from PIL import Image, PngImagePlugin
 
+from . import loras
+
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 LOSSY_QUALITY = 90
 EXIF_IFD = 0x8769
@@ -62,11 +64,16 @@ def read_parameters(data: bytes) -> str | None:
     return None
 
 
-def a1111_parameters(request, seed: int, sampler: str) -> str:
+def a1111_parameters(
+    request, seed: int, sampler: str, lora_hashes: dict[str, str] | None = None
+) -> str:
     """AUTOMATIC1111's "infotext" for one image of ``request`` (a validated request): the
     prompt, the negative prompt, then ``Key: value`` pairs, quoted where a value holds a comma
-    or colon, as A1111 does. ``sampler`` is A1111's name for the sampler."""
-    lines = [request.prompt]
+    or colon, as A1111 does. ``sampler`` is A1111's name for the sampler. Each LoRA in effect
+    is one ``<lora:NAME:WEIGHT>`` tag of the prompt, with its short hash from ``lora_hashes``
+    in "Lora hashes", as A1111 writes them."""
+    weights = getattr(request, "lora_weights", {})
+    lines = [loras.with_tags(request.inputs, weights)]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     settings = {
@@ -79,6 +86,10 @@ def a1111_parameters(request, seed: int, sampler: str) -> str:
     clip_skip = getattr(request, "clip_skip", None)
     if clip_skip and clip_skip > 1:  # A1111 leaves out its default of 1
         settings["Clip skip"] = clip_skip
+    lora_hashes = lora_hashes or {}
+    hashes = [f"{name}: {lora_hashes[name]}" for name in weights if name in lora_hashes]
+    if hashes:
+        settings["Lora hashes"] = ", ".join(hashes)
     lines.append(", ".join(f"{key}: {_quoted(value)}" for key, value in settings.items()))
     return "\n".join(lines)
 

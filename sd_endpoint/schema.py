@@ -12,7 +12,6 @@ allowed. Adding a request field means adding it to ``request_model`` and nothing
 from __future__ import annotations
 
 import json
-import math
 from functools import lru_cache
 from itertools import islice
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -30,7 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from . import samplers
+from . import loras, samplers
+from .field_types import Boolean, Integer, LoraWeights, Number, Text, has_text
 from .settings import Limits
 
 DEFAULT_STEPS = 25
@@ -43,54 +43,6 @@ SCHEDULERS = samplers.NAMES
 FORMATS = ("png", "jpeg", "webp")
 MAX_NAMES_SHOWN = 10
 
-
-def _integer(value: Any) -> Any:
-    """JSON has one number type: accept 512.0 as 512, but never a bool or 512.5."""
-    if isinstance(value, bool):
-        raise ValueError("must be an integer, not a boolean")
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    return value
-
-
-def _number(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("must be a number, not a boolean")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    return value
-
-
-def _has_text(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must contain text, not only white space")
-    return value
-
-
-# The constraints go inside the before-validators, so that JSON schemas carry them as the
-# standard `minimum`/`maximum`/`multipleOf` keywords.
-def Integer(**constraints: Any) -> Any:  # noqa: N802 (used as a type)
-    return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_integer)]
-
-
-def Number(**constraints: Any) -> Any:  # noqa: N802
-    # float() so that 7 and 7.0 echo alike.
-    return Annotated[
-        float, Field(strict=True, **constraints), BeforeValidator(_number), AfterValidator(float)
-    ]
-
-
-def Text(**constraints: Any) -> Any:  # noqa: N802
-    return Annotated[str, Field(strict=True, **constraints)]
-
-
-def _boolean(value: Any) -> Any:
-    if not isinstance(value, bool):
-        raise ValueError("must be true or false")
-    return value
-
-
-Boolean = Annotated[bool, BeforeValidator(_boolean)]
 
 Sampler = Annotated[
     Literal[SCHEDULERS],  # type: ignore[valid-type]
@@ -107,7 +59,13 @@ class GenerationRequest(BaseModel):
 
     @property
     def prompt(self) -> str:
-        return self.inputs  # type: ignore[attr-defined]
+        """The prompt as encoded: `inputs` without its `<lora:...>` tags."""
+        return loras.split_tags(self.inputs)[0]  # type: ignore[attr-defined]
+
+    @property
+    def lora_weights(self) -> dict[str, float]:
+        """The LoRAs in effect: `loras` and the prompt's tags added up (``loras.in_effect``)."""
+        return loras.in_effect(self.inputs, self.loras)  # type: ignore[attr-defined]
 
     @property
     def work(self) -> int:
@@ -129,8 +87,11 @@ DEFAULT_LIMITS = Limits()
 
 
 @lru_cache(maxsize=8)
-def request_model(limits: Limits = DEFAULT_LIMITS) -> type[GenerationRequest]:
-    """The request model for ``limits`` (the ranges in its fields and help text come from it)."""
+def request_model(
+    limits: Limits = DEFAULT_LIMITS, lora_names: tuple[str, ...] = ()
+) -> type[GenerationRequest]:
+    """The request model for ``limits`` (the ranges in its fields and help text come from it)
+    and the names of the endpoint's LoRAs."""
     side = (
         f"an integer multiple of 8 from {limits.min_side} to {limits.max_side}, "
         f"with height × width at most {limits.max_pixels:,}"
@@ -140,7 +101,7 @@ def request_model(limits: Limits = DEFAULT_LIMITS) -> type[GenerationRequest]:
 
     class GenerationParameters(GenerationRequest):
         inputs: Annotated[
-            Text(min_length=1, max_length=limits.max_prompt_chars), AfterValidator(_has_text)
+            Text(min_length=1, max_length=limits.max_prompt_chars), AfterValidator(has_text)
         ] = Field(
             description="The prompt: non-empty text, at most "
             f"{limits.max_prompt_chars} characters and {limits.max_prompt_chunks} chunks of 75 "
@@ -206,6 +167,15 @@ def request_model(limits: Limits = DEFAULT_LIMITS) -> type[GenerationRequest]:
             "model was trained) or 2 (the one before it, through the final layer norm), as in "
             "AUTOMATIC1111 and as many fine-tunes' model cards ask for.",
         )
+        loras: LoraWeights(limits, lora_names) = Field(  # type: ignore[valid-type]
+            default_factory=dict,
+            description=f'LoRAs to apply, name to weight (`{{"green-shapes": 0.8}}`): at '
+            f"most {limits.max_loras}, weights from -{limits.max_lora_weight:g} to "
+            f"{limits.max_lora_weight:g}. A name is a file of the repository's `loras/` folder "
+            "without `.safetensors`. `<lora:NAME:WEIGHT>` tags in `inputs` (AUTOMATIC1111's; "
+            "weight 1 when left out) add up with this field per name, and stay in the prompt."
+            + (f" Available: {', '.join(lora_names)}." if lora_names else ""),
+        )
         metadata: Boolean = Field(
             default=True,
             description="true or false: write the generation parameters into each image, as "
@@ -239,20 +209,27 @@ def accepted_fields(model: type[GenerationRequest]) -> list[str]:
     return names
 
 
-def parse_request(data: Any, limits: Limits, native_size: tuple[int, int]) -> GenerationRequest:
+def parse_request(
+    data: Any,
+    limits: Limits,
+    native_size: tuple[int, int],
+    lora_names: tuple[str, ...] = (),
+) -> GenerationRequest:
     """Validate a request body in the seed's flat form or in Hugging Face's standard form.
 
     Flat: ``{"inputs": "...", "height": 512, "inference_steps": 25, ...}``.
     Standard: ``{"inputs": "...", "parameters": {"height": 512, "num_inference_steps": 25}}``.
     The two forms mean the same thing for the same values; a field may be given in only one
-    place. Raises ``ValueError`` naming every bad field, before any work is done.
+    place. ``lora_names`` are the LoRAs the endpoint has. Raises ``ValueError`` naming every
+    bad field, before any work is done.
     """
-    model = request_model(limits)
+    model = request_model(limits, lora_names)
     fields = _flatten(data, model)
     try:
         params = model.model_validate(fields)
     except ValidationError as exc:
         raise ValueError(_explain(exc, model, fields)) from None
+    loras.check_tags(params.inputs, params.loras, lora_names, limits)
     height = params.height if params.height is not None else native_size[0]
     width = params.width if params.width is not None else native_size[1]
     request = params.model_copy(update={"height": height, "width": width})
@@ -332,6 +309,8 @@ def _explain(exc: ValidationError, model: type[GenerationRequest], sent: dict[st
         if not name:  # a whole-model check: its message is complete
             messages.append(reason)
             continue
+        if len(error["loc"]) > 1:  # an entry of an object field: which one
+            reason = f"entry {_short(str(error['loc'][1]))}: {_lowercase(reason)}"
         # Prompts must stay out of the runtime's logs, which record every error message: a
         # text field is described by its type and length, never quoted.
         got = _described(error["input"]) if _is_text(model, name) else _short(error["input"])
@@ -346,7 +325,7 @@ def _help(model: type[GenerationRequest], name: str) -> str:
 
 def _is_text(model: type[GenerationRequest], name: str) -> bool:
     info = model.model_fields.get(ALIASES.get(name, name))
-    if info is None:
+    if info is None or get_origin(info.annotation) is dict:
         return False
     kinds = [info.annotation, *get_args(info.annotation)]
     return str in [get_args(k)[0] if get_origin(k) is Annotated else k for k in kinds]

@@ -56,7 +56,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from . import api_spec, families, page
+from . import api_spec, families, loras, page
 from .api_spec import HEALTH_RESPONSES
 from .http_exchange import (
     IMAGE_FORMATS,
@@ -225,11 +225,13 @@ def create_app(config: ServerConfig, on_load_failure: Callable[[], None] = lambd
         app.add_api_route(path, predict, methods=["POST"], **api_spec.PREDICT_ROUTE)
 
     limits = served_limits(config.model_dir)
-    page.add_routes(app, limits)
+    # The folder's LoRA names, known before the model loads, for the form and the schema.
+    lora_names = loras.names_in(config.model_dir)
+    page.add_routes(app, limits, lora_names)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = api_spec.describe(app, limits)
+            app.openapi_schema = api_spec.describe(app, limits, lora_names)
         return app.openapi_schema
 
     app.openapi = openapi

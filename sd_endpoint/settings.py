@@ -47,6 +47,20 @@ class Limits:
     max_images: int = field(
         default=4, metadata={"help": "Most images per request (`num_images_per_prompt`)."}
     )
+    max_loras: int = field(
+        default=4,
+        metadata={
+            "help": "Most LoRAs one request may use (the `loras` field and `<lora:...>` tags "
+            "together). Each one adds its small matrices' work to the layers it adapts."
+        },
+    )
+    max_lora_weight: float = field(
+        default=2.0,
+        metadata={
+            "help": "Largest LoRA weight, either sign: a request's weights (added up per name) "
+            "must be from minus this to this."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 8 <= self.min_side <= self.max_side:

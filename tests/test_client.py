@@ -73,6 +73,28 @@ def test_every_request_field_is_an_option():
             assert "--" + name.replace("_", "-") in options
 
 
+def test_loras_are_options_named_once_per_lora_and_adding_up_per_name(repo_server, tmp_path):
+    runs = {
+        "split": ["--lora", "green-shapes:0.25", "--lora", "green-shapes:0.5"],
+        "whole": ["--loras", "green-shapes:0.75"],
+        "none": [],
+    }
+    images = {}
+    for name, options in runs.items():
+        out = tmp_path / f"{name}.png"
+        done = run_client("a red circle", "-o", str(out), "--seed", "5", *options,
+                          "--url", repo_server.url, "--token", TOKEN, *SMALL)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        images[name] = out.read_bytes()
+    assert images["split"] == images["whole"] != images["none"]
+    done = run_client("a red circle", "--lora", "nope", "--url", repo_server.url, "--token", TOKEN)
+    assert done.returncode == 1 and "`nope`" in done.stderr and "green-shapes" in done.stderr
+    assert build_parser().parse_args(["x", "--lora", "a:2", "--lora", "b"]).loras == [
+        ("a", 2.0),
+        ("b", 1.0),
+    ]
+
+
 def test_generate_returns_the_image_and_the_seed_that_reproduces_it(repo_server):
     first = generate("a green triangle", url=repo_server.url, token=TOKEN, height=64, width=64,
                      num_inference_steps=2)  # fmt: skip

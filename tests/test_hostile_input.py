@@ -279,6 +279,16 @@ OVER_LIMIT = [
         {"height": 64, "width": 64, "num_inference_steps": 2, "num_images_per_prompt": 2},
         ["× images", "16,384", "limit of 10,240"],
     ),
+    (
+        "SD_MAX_LORA_WEIGHT",
+        {"height": 64, "width": 64, "loras": {"green-shapes": 1.75}},
+        ["`loras`", '"green-shapes"', "less than or equal to 1.5"],
+    ),
+    (
+        "SD_MAX_LORA_WEIGHT",
+        {"height": 64, "width": 64, "inputs": "a red circle <lora:green-shapes:1.75>"},
+        ["`inputs`", "`green-shapes`", "1.75", "from -1.5 to 1.5"],
+    ),
 ]
 
 

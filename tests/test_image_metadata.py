@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 
 import pytest
 from PIL import Image
+
+from sd_endpoint.loader import REPO_ROOT
 
 REQUEST = {
     "inputs": "a red circle",
@@ -85,3 +88,21 @@ def test_any_unicode_prompt_round_trips(handler, fmt):
 
 def test_the_same_request_still_gives_the_same_bytes(handler):
     assert handler(REQUEST)["image"] == handler(dict(REQUEST))["image"]
+
+
+def test_loras_are_written_as_a1111_does_each_once_with_their_hashes(handler):
+    """The field and the prompt's tags, added up, as one `<lora:NAME:WEIGHT>` tag each after the
+    prompt's text, and A1111's "Lora hashes" (kohya's hash of the file's tensor bytes)."""
+    body = {
+        **REQUEST,
+        "inputs": "a red <lora:green-shapes:0.25> circle",
+        "loras": {"green-shapes": 0.5},
+    }
+    text = opened(handler(body)["image"]).info["parameters"]
+    data = (REPO_ROOT / "loras" / "green-shapes.safetensors").read_bytes()
+    digest = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]
+    assert text.splitlines()[0] == "a red  circle <lora:green-shapes:0.75>"
+    assert text.splitlines()[-1].endswith(f', Lora hashes: "green-shapes: {digest}"')
+    # Weight 0 is no LoRA: nothing to write.
+    none = opened(handler({**REQUEST, "loras": {"green-shapes": 0}})["image"]).info["parameters"]
+    assert none == INFOTEXT

@@ -27,6 +27,8 @@ from sd_endpoint.loader import REPO_ROOT, load_handler
 from tests.conftest import decode_image
 
 REQUEST = {"inputs": "a red circle on a white background", "seed": 3, "inference_steps": 4}
+# The model entries the shipped (SD 1.x) model has: a stand-in for a repository's own model.
+SHIPPED_ENTRIES = [name for name in importer.MODEL_ENTRIES if (REPO_ROOT / name).exists()]
 PLAIN_LOAD = """
 import sys, numpy, torch
 from diffusers import StableDiffusionPipeline
@@ -88,7 +90,7 @@ def target(work) -> Path:
     """A stand-in for a model repo: the shipped model plus files the import must not touch."""
     folder = work / "repo" / "target"  # alone in its parent, which must stay clean too
     folder.parent.mkdir()
-    for name in importer.MODEL_ENTRIES[:6]:
+    for name in SHIPPED_ENTRIES:
         source = REPO_ROOT / name
         if source.is_dir():
             shutil.copytree(source, folder / name)
@@ -396,16 +398,41 @@ def test_allowed_pickle_is_converted(work, sd1_file, shipped_pixels, capsys):
     assert np.abs(pixels(serve(out)) - shipped_pixels).max() == 0
 
 
-def test_refuses_sdxl_naming_it(work, guarded, capsys):
-    path = work / "sdxl.safetensors"
+def test_a_folder_of_pickle_weights_is_refused_unless_allowed(
+    work, guarded, shipped_pixels, capsys
+):
+    folder = work / "pickled-folder"
+    folder.mkdir()
+    for name in SHIPPED_ENTRIES:
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name)
+        else:
+            shutil.copy(source, folder / name)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), weights.with_suffix(".bin"))
+    weights.unlink()
+    message = refuse(capsys, folder, "--out", guarded)
+    assert "holds only pickle weights (diffusion_pytorch_model.bin)" in message
+    assert "--allow-pickle" in message
+    out = work / "from-pickled-folder"
+    code, _, _ = run_import(folder, "--allow-pickle", "--out", out, "--skip-check", capsys=capsys)
+    assert code == 0
+    assert np.abs(pixels(serve(out)) - shipped_pixels).max() == 0
+    weights.with_suffix(".bin").unlink()
+    assert "unet holds no weights" in refuse(capsys, folder, "--allow-pickle", "--out", guarded)
+
+
+def test_refuses_the_sdxl_refiner_naming_it(work, guarded, capsys):
+    path = work / "sdxl-refiner.safetensors"
     save_file(
         {
-            "conditioner.embedders.0.transformer.x": torch.zeros(1),
+            "conditioner.embedders.0.model.text_projection": torch.zeros(1),
             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
         },
         str(path),
     )
-    assert "SDXL" in refuse(capsys, path, "--out", guarded)
+    assert "the SDXL refiner" in refuse(capsys, path, "--out", guarded)
 
 
 @pytest.mark.parametrize("part", ["first_stage_model.", "cond_stage_model."])
@@ -477,7 +504,7 @@ def test_a_disk_that_fills_leaves_the_target_as_it_was(small_disk, when, capsys,
     (target / "README.md").write_text("---\nlicense: mit\n---\nmine\n")
     before = tree_digest(target)
     if when == "while writing":  # past the estimate of the space needed, into a real ENOSPC
-        monkeypatch.setattr(importer, "free_space_check", lambda plan, n_bytes: None)
+        monkeypatch.setattr(importer.write, "free_space_check", lambda plan, n_bytes: None)
     message = refuse(capsys, REPO_ROOT, "--out", target)
     expected = "not enough disk space" if when == "foreseen" else "the disk filled up"
     assert expected in message

@@ -24,6 +24,7 @@ import requests
 from PIL import Image, ImageStat
 from servers import TOKEN, LocalServer, scripted_folder
 
+from sd_endpoint import loras
 from sd_endpoint.loader import REPO_ROOT
 from sd_endpoint.page import CONTENT_SECURITY_POLICY, FOLDER
 
@@ -347,6 +348,37 @@ def test_clicking_a_history_thumbnail_restores_its_settings(context, repo_server
     thumbnails.nth(1).click()  # the second image, now one further down the list
     assert page.input_value("#field-seed") == str(second["seed"])
     assert page.input_value("#field-scheduler") == "euler"
+
+
+def test_the_page_offers_the_servers_loras_and_applies_the_one_picked_at_its_weight(
+    context, repo_server
+):
+    page = open_page(context, repo_server, token=TOKEN)
+    assert page.locator("#field-loras .pick label").all_inner_texts() == list(
+        loras.names_in(REPO_ROOT)
+    )
+    assert not page.is_checked("#pick-loras-0")
+    set_field(page, "seed", "21")
+    set_field(page, "num_inference_steps", "4")
+    plain = generate(page)
+    page.fill("#field-loras input.weight", "0.8")  # typing a weight picks the LoRA
+    assert page.is_checked("#pick-loras-0")
+    picked = generate(page)
+    assert json.loads(picked["used"]["loras"]) == {"green-shapes": 0.8}
+    body = {
+        "inputs": page.input_value("#field-inputs"),
+        "parameters": {"seed": 21, "num_inference_steps": 4, "loras": {"green-shapes": 0.8}},
+    }
+    direct = requests.post(repo_server.url, json=body, headers=repo_server.headers, timeout=120)
+    assert picked["image"] == direct.json()["image"] != plain["image"]
+    page.uncheck("#pick-loras-0")
+    page.locator("#history button").nth(1).click()  # the image without a LoRA
+    assert not page.is_checked("#pick-loras-0")
+    page.locator("#history button").nth(0).click()  # the newest: the one with it
+    assert page.is_checked("#pick-loras-0")
+    assert page.input_value("#field-loras input.weight") == "0.8"
+    assert generate(page)["image"] == picked["image"]
+    assert page.errors == []
 
 
 def test_the_copied_curl_and_python_requests_return_the_same_image(context, repo_server, tmp_path):

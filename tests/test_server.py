@@ -22,6 +22,8 @@ import requests
 from PIL import Image
 from servers import TOKEN, LocalServer, scripted_folder
 
+from sd_endpoint import loras
+from sd_endpoint.loader import REPO_ROOT
 from sd_endpoint.schema import GenerationResponse, accepted_fields, request_model
 from sd_endpoint.settings import Limits
 
@@ -210,7 +212,7 @@ def test_unknown_routes_answer_in_the_same_error_shape(repo_server):
 
 def test_openapi_describes_both_request_forms_from_the_handlers_request_model(repo_server):
     spec = requests.get(repo_server.url + "/openapi.json").json()
-    model = request_model(Limits())
+    model = request_model(Limits(), loras.names_in(REPO_ROOT))
     schemas = spec["components"]["schemas"]
     for path in ("/", "/predict"):
         operation = spec["paths"][path]["post"]
@@ -225,6 +227,8 @@ def test_openapi_describes_both_request_forms_from_the_handlers_request_model(re
     assert flat["required"] == ["inputs"]
     for name, field in model.model_fields.items():
         assert flat["properties"][name]["description"] == field.description
+    # The LoRAs of the repository's loras/ folder, known before the model loads.
+    assert flat["properties"]["loras"]["propertyNames"]["enum"] == ["green-shapes"]
     width = flat["properties"]["width"]["anyOf"][0]  # an integer, or null for the default
     assert (width["minimum"], width["maximum"], width["multipleOf"]) == (64, Limits().max_side, 8)
     nested = schemas["TextToImageParameters"]

@@ -14,13 +14,15 @@ from pathlib import Path
 import diffusers
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+import transformers
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from packaging.version import Version
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig
 
 from model_tools import single_file as sf
+from model_tools.families import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,22 +52,24 @@ def sd2_file(workdir, sd2_folder) -> Path:
     return sf.write_single_file(sd2_folder, workdir / "tiny-sd2.safetensors")
 
 
-def load_single_file(path: Path, config: Path, **kwargs) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline.from_single_file(
+def load_single_file(path: Path, config: Path, family: str = "sd1", **kwargs):
+    """The file read by diffusers' own reader, into its family's pipeline."""
+    family = FAMILIES[family]
+    return getattr(diffusers, family.pipeline_class).from_single_file(
         str(path),
         config=str(config),
         local_files_only=True,
-        safety_checker=None,
-        requires_safety_checker=False,
+        **dict.fromkeys(family.unused_components),
+        **family.pipeline_options,
         **kwargs,
     )
 
 
-def assert_same_weights(pipe: StableDiffusionPipeline, folder: Path) -> None:
-    for name in ("unet", "vae", "text_encoder"):
+def assert_same_weights(pipe, folder: Path) -> None:
+    for name in FAMILIES[sf.family_of_folder(folder)].components:
         expected = sf.read_weights(folder / name)
         got = getattr(pipe, name).state_dict()
-        if name == "text_encoder":  # transformers >= 5.6 drops the text_model. prefix
+        if name.startswith("text_encoder"):  # transformers >= 5.6 drops the text_model. prefix
             expected, got = sf.text_state(expected), sf.text_state(got)
         assert set(got) == set(expected), f"{name}: {sorted(set(got) ^ set(expected))[:5]}"
         unequal = [k for k in expected if not torch.equal(got[k].float(), expected[k].float())]
@@ -89,7 +93,8 @@ def test_detects_sd2_from_openclip_keys_with_fused_qkv(sd2_file):
 @pytest.mark.parametrize(
     "key, name",
     [
-        ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "SDXL"),
+        ("conditioner.embedders.0.model.text_projection", "SDXL refiner"),
+        ("edm_mean", "Playground"),
         ("model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight", "SD3"),
         ("model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale", "Flux"),
         ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "LoRA"),
@@ -183,24 +188,54 @@ def test_sd2_variant_round_trips_exactly_through_from_single_file(sd2_file, sd2_
     assert pipe.text_encoder.config.hidden_act == "gelu"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+# Keys only the full layout has: SD's 12 input/output blocks and mid-block attention; SDXL's 9,
+# its ten-layer transformers, its pooled-text embedding and both text encoders.
+LAYOUT_KEYS = {
+    "sd1": ("output_blocks.11.1.proj_out.weight", "output_blocks.8.2.conv.weight"),
+    "sd2": ("output_blocks.11.1.proj_out.weight", "output_blocks.8.2.conv.weight"),
+    "sdxl": (
+        "output_blocks.2.2.conv.weight",
+        "input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight",
+        "middle_block.1.transformer_blocks.9.ff.net.2.weight",
+        "label_emb.0.2.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_full_layout_miniature_round_trips_in_float32(workdir, family):
-    """SD's own block structure (mid-block and VAE attention, 12 input/output blocks)."""
+    """Each family's own block structure (mid-block and VAE attention, all input/output
+    blocks), read back equal by diffusers."""
     folder = sf.miniature_folder(workdir / f"mini-{family}", family)
     path = sf.write_single_file(folder, workdir / f"mini-{family}.safetensors", dtype=torch.float32)
     keys = keys_of(path)
     assert sf.detect_family(keys) == family
     for key in (
         "model.diffusion_model.middle_block.1.proj_in.weight",
-        "model.diffusion_model.output_blocks.11.1.proj_out.weight",
-        "model.diffusion_model.output_blocks.8.2.conv.weight",
+        *("model.diffusion_model." + k for k in LAYOUT_KEYS[family]),
         "first_stage_model.decoder.mid.attn_1.q.weight",
     ):
         assert key in keys
     with safe_open(str(path), framework="pt") as f:
         assert f.get_tensor("first_stage_model.encoder.mid.attn_1.k.weight").ndim == 4
         assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float32
-    assert_same_weights(load_single_file(path, folder), folder)
+    assert_same_weights(load_single_file(path, folder, family), folder)
+
+
+def test_sdxl_text_encoders_are_written_in_their_own_layouts(workdir):
+    """CLIP ViT-L under transformers' names, ViT-bigG under OpenCLIP's: q/k/v fused, and the
+    projection stored transposed ([width, projection]) as OpenCLIP multiplies by it."""
+    folder = sf.miniature_folder(workdir / "mini-sdxl-text", "sdxl")
+    path = sf.write_single_file(folder, workdir / "mini-sdxl-text.safetensors")
+    keys = keys_of(path)
+    clip, bigg = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+    assert clip + "text_model.encoder.layers.1.self_attn.q_proj.weight" in keys
+    assert bigg + "transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert not any(k.startswith(bigg) and "q_proj" in k for k in keys)
+    with safe_open(str(path), framework="pt") as f:
+        projection = f.get_tensor(bigg + "text_projection")
+    stored = sf.read_weights(folder / "text_encoder_2")["text_projection.weight"]
+    assert torch.equal(projection, stored.T.half())
 
 
 def test_writes_float16_by_default_and_leaves_no_partial_file(sd1_file):
@@ -229,25 +264,42 @@ def test_refuses_a_unet_with_layers_the_original_layout_lacks(workdir):
 
 # --- shipped configs ----------------------------------------------------------------------
 
-# Published parameter counts of SD 1.5 and SD 2.1 (UNet, VAE, text encoder).
+# Published parameter counts of SD 1.5, SD 2.1 and SDXL base 1.0 (UNet, VAE, text encoders).
 PARAMETERS = {
     "sd1": (859_520_964, 83_653_863, 123_060_480),
     "sd2": (865_910_724, 83_653_863, 340_387_840),
+    "sdxl": (2_567_463_684, 83_653_863, 123_060_480, 694_659_840),
 }
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_configs_build_the_real_architectures(family):
     folder = sf.CONFIGS[family]
-    text = json.loads((folder / "text_encoder" / "config.json").read_text())
     with torch.device("meta"):
-        modules = (
+        modules = [
             UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
             AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
-            CLIPTextModel(CLIPTextConfig(**text)),
-        )
+        ]
+        for encoder in FAMILIES[family].text_encoders:
+            text = json.loads((folder / encoder.component / "config.json").read_text())
+            text = {k: v for k, v in text.items() if k != "architectures"}
+            modules.append(getattr(transformers, encoder.model_class)(CLIPTextConfig(**text)))
     counts = tuple(sum(p.numel() for p in m.parameters()) for m in modules)
     assert counts == PARAMETERS[family]
+
+
+def test_sdxl_configs_are_sdxl_base():
+    folder = sf.CONFIGS["sdxl"]
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    assert unet["transformer_layers_per_block"] == [1, 2, 10]
+    assert unet["attention_head_dim"] == [5, 10, 20] and unet["cross_attention_dim"] == 2048
+    assert (unet["addition_embed_type"], unet["addition_time_embed_dim"]) == ("text_time", 256)
+    assert unet["projection_class_embeddings_input_dim"] == 2816  # 6 x 256 + 1280 pooled
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    assert (vae["scaling_factor"], vae["force_upcast"]) == (0.13025, True)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "EulerDiscreteScheduler"
+    assert (scheduler["timestep_spacing"], scheduler["steps_offset"]) == ("leading", 1)
 
 
 def test_prediction_type_sets_scheduler_and_native_size(tmp_path):
@@ -285,7 +337,7 @@ def test_full_size_random_checkpoint_imports_with_the_shipped_configs(
     # diffusers 0.40 renamed torch_dtype to dtype; the base image's 0.33 knows only the old.
     new_name = Version(diffusers.__version__).release >= (0, 40)
     pipe = load_single_file(
-        path, sf.CONFIGS[family], **{"dtype" if new_name else "torch_dtype": torch.float32}
+        path, sf.CONFIGS[family], family, **{"dtype" if new_name else "torch_dtype": torch.float32}
     )
     stored = load_file(str(path))
     back = sf.to_original(

@@ -22,9 +22,15 @@ import transformers
 from transformers import CLIPTokenizer
 
 from model_tools import clip_bpe
+from model_tools.families import FAMILIES
 
 CONFIGS = clip_bpe.CONFIGS
 N_STRINGS = 3000
+FAMILY_TOKENIZERS = [
+    (family.key, encoder.tokenizer)
+    for family in FAMILIES.values()
+    for encoder in family.text_encoders
+]
 
 
 def load_reference():
@@ -150,15 +156,15 @@ def test_vocab_and_merges_are_clips_own(reference):
 
 def test_derivation_reproduces_the_shipped_files(reference, tmp_path):
     clip_bpe.write_tokenizers(clip_bpe.read_merges(), tmp_path)
-    for family in ("sd1", "sd2"):
+    for family, tokenizer in FAMILY_TOKENIZERS:
         for name in (
             "vocab.json",
             "merges.txt",
             "special_tokens_map.json",
             "tokenizer_config.json",
         ):
-            shipped = CONFIGS / family / "tokenizer" / name
-            assert (tmp_path / family / "tokenizer" / name).read_bytes() == shipped.read_bytes()
+            shipped = CONFIGS / family / tokenizer / name
+            assert (tmp_path / family / tokenizer / name).read_bytes() == shipped.read_bytes()
 
 
 @pytest.mark.parametrize("cls", tokenizer_classes(), ids=lambda c: c.__name__)
@@ -177,10 +183,18 @@ def test_tokenizes_like_clip_on_varied_strings(reference, strings, cls):
     assert not mismatches, f"{len(mismatches)} of {len(strings)} differ, e.g. {mismatches[:3]!r}"
 
 
-@pytest.mark.parametrize("family, pad_id", [("sd1", 49407), ("sd2", 0)])
+@pytest.mark.parametrize(
+    "family, folder, pad_id",
+    [
+        ("sd1", "tokenizer", 49407),
+        ("sd2", "tokenizer", 0),
+        ("sdxl", "tokenizer", 49407),  # CLIP ViT-L's, as SD 1.x's
+        ("sdxl", "tokenizer_2", 0),  # OpenCLIP ViT-bigG's, as SD 2.x's
+    ],
+)
 @pytest.mark.parametrize("cls", tokenizer_classes(), ids=lambda c: c.__name__)
-def test_family_pads_with_its_own_token(family, pad_id, cls):
-    tokenizer = cls.from_pretrained(CONFIGS / family / "tokenizer")
+def test_family_pads_with_its_own_token(family, folder, pad_id, cls):
+    tokenizer = cls.from_pretrained(CONFIGS / family / folder)
     out = tokenizer("a red cube", padding="max_length", max_length=77)["input_ids"]
     assert len(out) == 77 and tokenizer.model_max_length == 77
     assert out[0] == 49406 and out[4] == 49407  # <|startoftext|> a red cube <|endoftext|>
@@ -188,10 +202,11 @@ def test_family_pads_with_its_own_token(family, pad_id, cls):
     assert tokenizer.pad_token_id == pad_id
 
 
-def test_sd2_shares_the_vocabulary_files():
+def test_every_tokenizer_shares_the_vocabulary_files():
     for name in clip_bpe.SHARED_FILES:
-        sd1, sd2 = CONFIGS / "sd1" / "tokenizer" / name, CONFIGS / "sd2" / "tokenizer" / name
-        assert sd2.read_bytes() == sd1.read_bytes()
+        sd1 = CONFIGS / "sd1" / "tokenizer" / name
+        for family, tokenizer in FAMILY_TOKENIZERS:
+            assert (CONFIGS / family / tokenizer / name).read_bytes() == sd1.read_bytes()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,11 +73,11 @@ def index() -> Response:
     return asset("index.html")
 
 
-def add_routes(app: FastAPI, limits: Limits) -> None:
-    """The page, its files and the request schema it builds its form from."""
-    described = json.dumps(
-        {"request": request_model(limits).model_json_schema(), "aliases": ALIASES}
-    ).encode()
+def add_routes(app: FastAPI, limits: Limits, lora_names: tuple[str, ...] = ()) -> None:
+    """The page, its files and the request schema it builds its form from (the LoRAs it
+    offers are the schema's names for the `loras` field)."""
+    schema = request_model(limits, lora_names).model_json_schema()
+    described = json.dumps({"request": schema, "aliases": ALIASES}).encode()
 
     async def page() -> Response:
         return index()

@@ -96,10 +96,50 @@ function control(spec) {
     else input.placeholder = spec.name === "seed" ? "random" : "default";
     return input;
   }
+  if (spec.type === "object" && spec.propertyNames && spec.propertyNames.enum) return picker(spec);
   // Anything else (a list, an object): JSON typed by hand.
   const input = element("input", { ...common, type: "text", placeholder: "JSON" });
   if (spec.default !== undefined && spec.default !== null) input.value = JSON.stringify(spec.default);
   return input;
+}
+
+// An object whose names the schema lists (the server's LoRAs): a box per name to pick it, with
+// its number (the weight) beside it. Typing a weight picks the name.
+function picker(spec) {
+  const names = spec.propertyNames.enum;
+  const number = spec.additionalProperties || {};
+  const list = element("div", {
+    id: `field-${spec.name}`, className: "picker", role: "group", "aria-describedby": `help-${spec.name} error-${spec.name}`,
+  });
+  const rows = new Map();
+  if (names.length === 0) list.append(element("p", { className: "help" }, "none on this server"));
+  names.forEach((name, i) => {
+    const box = element("input", { type: "checkbox", id: `pick-${spec.name}-${i}`, value: name });
+    const weight = element("input", {
+      type: "number", className: "weight", min: number.minimum, max: number.maximum, step: "0.05",
+      inputmode: "decimal", "aria-label": `${name}: weight`,
+    });
+    weight.value = "1";
+    weight.addEventListener("input", () => { box.checked = true; });
+    list.append(element("div", { className: "row pick" }, box, element("label", { for: box.id }, name), weight));
+    rows.set(name, { box, weight });
+  });
+  list.read = () => {
+    const picked = {};
+    for (const [name, { box, weight }] of rows) {
+      if (box.checked) picked[name] = weight.value.trim() === "" ? 1 : Number(weight.value);
+    }
+    return Object.keys(picked).length ? picked : undefined;
+  };
+  list.write = (value) => {
+    for (const [name, { box, weight }] of rows) {
+      const given = value && typeof value === "object" ? value[name] : undefined;
+      box.checked = given !== undefined;
+      weight.value = String(given ?? 1);
+    }
+  };
+  list.focus = () => { const first = list.querySelector("input"); if (first) first.focus(); };
+  return list;
 }
 
 // A slider beside a bounded number with a default, kept in step with the number box.
@@ -140,7 +180,7 @@ function buildForm(described) {
     const help = element("p", { className: "help", id: `help-${name}` }, spec.description || "");
     const error = element("p", { className: "field-error", id: `error-${name}`, role: "alert", hidden: true });
     const box = element("div", { className: "field", id: `box-${name}` });
-    if (input.tagName === "TEXTAREA") box.classList.add("wide");
+    if (input.tagName === "TEXTAREA" || input.read) box.classList.add("wide");
     if (input.type === "checkbox") box.append(element("label", {}, input, " ", labelOf(spec), " ", element("code", {}, name)));
     else box.append(label, row);
     box.append(help, error);
@@ -155,6 +195,7 @@ function randomSeed() {
 }
 
 function valueOf({ spec, input }) {
+  if (input.read) return input.read();
   if (input.type === "checkbox") return input.checked;
   const text = input.value.trim();
   if (text === "") return undefined;
@@ -189,7 +230,8 @@ function restore(body, seed) {
   const values = { inputs: body.inputs, ...body.parameters };
   for (const [name, { spec, input }] of fields) {
     const value = name === "seed" ? seed : values[name];
-    if (input.type === "checkbox") input.checked = value === undefined ? spec.default === true : Boolean(value);
+    if (input.write) input.write(value);
+    else if (input.type === "checkbox") input.checked = value === undefined ? spec.default === true : Boolean(value);
     else input.value = asText(value === undefined ? spec.default : value);
     if (input.slider) input.slider.value = input.value;
   }
