@@ -1,7 +1,8 @@
-"""Check that the shipped model draws what it is told, through the endpoint's own handler.
+"""Check that a toy model draws what it is told, through the endpoint's own handler.
 
     python -m model_tools.evaluate                         # the repo's model; ~5 min on 2 cores
     python -m model_tools.evaluate --grid docs/samples.png # also redraw the README's grid
+    python -m model_tools.evaluate --family sdxl           # the SDXL toy, tests/models/sdxl
     python -m model_tools.evaluate --lora green-shapes:green  # a LoRA that sets one colour
 
 Every image comes from ``EndpointHandler.__call__`` as a client would get it, and is judged
@@ -29,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sd_endpoint.loader import REPO_ROOT, load_handler
 
 from .synthetic import BACKGROUNDS, COLOURS, SHAPES, Measurement, caption, measure
+from .toys import TOYS
 
 STEPS = 25
 GUIDED, UNGUIDED = 7.5, 1.0
@@ -72,20 +74,25 @@ class Check:
 
 
 class HandlerClient:
-    def __init__(self, model_dir: Path | None = None, handler=None):
+    def __init__(self, model_dir: Path | None = None, handler=None, guidance: float = GUIDED):
         self.handler = handler if handler is not None else build_handler(model_dir)
+        self.guidance = guidance  # unless a call says otherwise
         self.calls = 0
 
     def __call__(
         self,
         prompt: Prompt,
         side: int | None = None,
-        guidance: float = GUIDED,
+        guidance: float | None = None,
         negative: str | None = None,
         loras: dict[str, float] | None = None,
     ) -> Outcome:
         """One image; without ``side`` the handler picks the model's native size."""
-        parameters = {"seed": prompt.seed, "guidance_scale": guidance, "num_inference_steps": STEPS}
+        parameters = {
+            "seed": prompt.seed,
+            "guidance_scale": self.guidance if guidance is None else guidance,
+            "num_inference_steps": STEPS,
+        }
         if loras:
             parameters["loras"] = loras
         if side is not None:
@@ -136,6 +143,7 @@ def sign_test(wins: int, losses: int) -> float:
 
 def evaluate(generate: HandlerClient, native: int, large: int, negative: int) -> tuple[list, dict]:
     runs: dict[str, list[Outcome]] = {}
+    scale = generate.guidance  # of the guided runs
     native_prompts = prompts(native)
     runs["native"] = [generate(p) for p in native_prompts]
     runs["unguided"] = [generate(p, guidance=UNGUIDED) for p in native_prompts]
@@ -199,11 +207,11 @@ def evaluate(generate: HandlerClient, native: int, large: int, negative: int) ->
     p_value = sign_test(wins, losses)
     checks.append(
         Check(
-            f"colour, shape and background all right: guidance {GUIDED:g} vs {UNGUIDED:g}, {size}",
+            f"colour, shape and background all right: guidance {scale:g} vs {UNGUIDED:g}, {size}",
             len(guided),
             f"{share(guided):.0%} vs {share(unguided):.0%} (better on {wins}, worse on {losses}; "
             f"sign test p = {p_value:.2g})",
-            f"{GUIDED:g} better, p < 0.05",
+            f"{scale:g} better, p < 0.05",
             share(guided) > share(unguided) and p_value < 0.05,
         )
     )
@@ -296,14 +304,23 @@ def grid(outcomes: list[Outcome], path: Path, columns: int = 6, scale: int = 2) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
+        "--family", choices=sorted(TOYS), default="sd", help="whose toy model to evaluate"
+    )
+    parser.add_argument(
         "--model-dir",
         type=Path,
-        default=REPO_ROOT,
-        help="the model folder (its handler.py if it has one, else this repo's)",
+        help="the model folder (its handler.py if it has one, else this repo's); default: the "
+        "family's toy (the repo root for sd, tests/models/sdxl for sdxl)",
     )
     parser.add_argument("--native", type=int, default=72, help="prompts at the native size (>= 50)")
     parser.add_argument("--large", type=int, default=24, help="prompts at 512x512")
     parser.add_argument("--negative", type=int, default=54, help="negative-prompt cases")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=GUIDED,
+        help="the guidance scale of every guided image; the thresholds were set at the default",
+    )
     parser.add_argument("--grid", type=Path, help="write a PNG grid of native-size outputs here")
     parser.add_argument("--show-failures", action="store_true")
     parser.add_argument(
@@ -324,7 +341,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    generate = HandlerClient(args.model_dir)
+    generate = HandlerClient(args.model_dir or TOYS[args.family].folder, guidance=args.guidance)
     if args.lora:
         name, _, colour = args.lora.rpartition(":")
         checks, runs = evaluate_lora(generate, name, colour, 24), {}

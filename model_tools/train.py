@@ -1,7 +1,8 @@
-"""Train the shipped model on the synthetic world of ``model_tools.synthetic``.
+"""Train a toy model on the synthetic world of ``model_tools.synthetic``.
 
-    python -m model_tools.train                  # writes the model into the repo root
+    python -m model_tools.train                  # the shipped SD model, into the repo root
     python -m model_tools.train --out /tmp/m     # anywhere else
+    python -m model_tools.train --family sdxl    # the SDXL toy, into tests/models/sdxl
 
 Two stages, both on freshly rendered pictures: the VAE learns to reconstruct them, then the
 text encoder and the UNet learn to denoise their latents given the caption (epsilon
@@ -13,8 +14,10 @@ model to push from, and about a third name only some attributes ("a red shape", 
 a black background", "red") so that a one-word negative prompt means something. A share of
 the captions (``--long-captions``) is padded with filler ("highly detailed, sharp focus, ...")
 before, after or around the key words, past the 75-token boundary, and every caption is
-encoded by the endpoint's own chunked encoder (``sd_endpoint.prompts``): the model learns to
-find what is asked for in any chunk of a long prompt.
+encoded by the endpoint's own chunked encoder for the family (``model_tools.toys``): the model
+learns to find what is asked for in any chunk of a long prompt. What differs by family (the
+make-up, the text encoders, the UNet's text inputs) comes from ``model_tools.toys``; the loop
+is the same.
 
 The same seed gives the same weights on the same torch and thread count.
 """
@@ -31,14 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from transformers import CLIPTokenizer
-
-from sd_endpoint.prompts import Chunk, PromptEncoder
 
 from . import synthetic
-from .architecture import SD_SCHEDULER, build, char_vocab, save, tiny, write_tokenizer
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .architecture import SD_SCHEDULER
+from .toys import TOYS
 
 
 def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -147,8 +146,9 @@ def latent_scale(latents: torch.Tensor) -> float:
     return float(f"{1 / latents.std().item():.4g}")
 
 
-def train_denoiser(unet, text_encoder, tokenizer, pool, scale, args, rng, generator) -> dict:
-    """Train UNet and text encoder together; returns their exponential moving averages."""
+def train_denoiser(unet, text_side, pool, scale, args, rng, generator) -> dict:
+    """Train the UNet and the text side's encoders together; returns their exponential moving
+    averages, by component name."""
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=SD_SCHEDULER["num_train_timesteps"],
         beta_start=SD_SCHEDULER["beta_start"],
@@ -162,35 +162,12 @@ def train_denoiser(unet, text_encoder, tokenizer, pool, scale, args, rng, genera
     snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
     weights = snr.clamp(max=5.0) / snr
     latents = latents * scale
-    modules = torch.nn.ModuleDict({"unet": unet.train(), "text_encoder": text_encoder.train()})
+    modules = torch.nn.ModuleDict(
+        {"unet": unet.train(), **{name: m.train() for name, m in text_side.modules.items()}}
+    )
     average = copy.deepcopy(modules).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=1e-2)
     schedule = cosine(optimizer, args.unet_steps, warmup=200)
-    # The endpoint's own encoder, so training sees the chunks it serves: 77-token chunks of
-    # [bos] + 75 tokens + [eos], one after the other.
-    prompts = PromptEncoder(tokenizer, text_encoder)
-    empty = prompts.empty_chunk()
-    chunk_cache: dict[str, list[Chunk]] = {}
-
-    def embed(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The captions' states, the shorter ones padded to the batch's longest, and the
-        mask that hides the padding from the UNet: a short caption trains as it is served,
-        alone (a first run that let 2-3 padded chunks dilute the attention of most short
-        captions drew every colourless prompt blue and ignored negative prompts)."""
-        for text in set(texts) - chunk_cache.keys():
-            chunk_cache[text] = prompts.tokenize(text).chunks
-        count = max(len(chunk_cache[t]) for t in texts)
-        rows = [chunk_cache[t] + [empty] * (count - len(chunk_cache[t])) for t in texts]
-        mask = torch.tensor(
-            [[1.0] * len(chunk_cache[t]) + [0.0] * (count - len(chunk_cache[t])) for t in texts]
-        ).repeat_interleave(prompts.length, dim=1)
-        # Each distinct chunk goes through the encoder once: most captions are short and
-        # many repeat, and the padding is all one chunk.
-        unique = list(dict.fromkeys(chunk for row in rows for chunk in row))
-        position = {chunk: i for i, chunk in enumerate(unique)}
-        index = torch.tensor([[position[chunk] for chunk in row] for row in rows])
-        hidden = prompts.hidden(unique)
-        return hidden[index].reshape(len(texts), count * prompts.length, hidden.shape[-1]), mask
 
     started, running = time.perf_counter(), 0.0
     for step in range(1, args.unet_steps + 1):
@@ -204,11 +181,13 @@ def train_denoiser(unet, text_encoder, tokenizer, pool, scale, args, rng, genera
             0, noise_scheduler.config.num_train_timesteps, (args.batch,), generator=generator
         )
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        text, mask = embed(captions)
+        # The endpoint's own encoder, so training sees the chunks it serves: 77-token chunks
+        # of [bos] + 75 tokens + [eos], one after the other.
+        text, mask, extra = text_side.embed(captions, rng)
         # The UNet's first attention layers attend to the text too (only_cross_attention), so
         # the mask goes to both.
         prediction = unet(
-            noisy, timesteps, text, attention_mask=mask, encoder_attention_mask=mask
+            noisy, timesteps, text, attention_mask=mask, encoder_attention_mask=mask, **extra
         ).sample
         error = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (error * weights[timesteps]).mean()
@@ -226,7 +205,7 @@ def train_denoiser(unet, text_encoder, tokenizer, pool, scale, args, rng, genera
         if step % args.log_every == 0 or step == args.unet_steps:
             report("unet", step, args.unet_steps, running / args.log_every, started)
             running = 0.0
-    return {"unet": average["unet"], "text_encoder": average["text_encoder"]}
+    return dict(average.items())
 
 
 def cosine(optimizer, steps: int, warmup: int):
@@ -246,7 +225,12 @@ def report(stage: str, step: int, steps: int, loss: float, started: float) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT, help="model folder to write")
+    parser.add_argument("--family", choices=sorted(TOYS), default="sd", help="which toy to train")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="model folder to write (default: the repo root for sd, tests/models/sdxl for sdxl)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch", type=int, default=32)
@@ -274,6 +258,8 @@ def main() -> None:
         help="torch threads; the shipped weights were trained with 1",
     )
     parser.add_argument("--log-every", type=int, default=100)
+    # Each toy's own defaults (its step counts), then what the command line says.
+    parser.set_defaults(**TOYS[parser.parse_known_args()[0].family].training)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -282,10 +268,11 @@ def main() -> None:
     vae_rng, pool_rng, unet_rng = (np.random.default_rng([args.seed, i]) for i in range(3))
     generator = torch.Generator().manual_seed(args.seed)
 
-    arch = tiny(len(char_vocab()))
-    modules = build(arch, args.seed)
-    write_tokenizer(args.out / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(args.out / "tokenizer")
+    toy = TOYS[args.family]
+    out = args.out or toy.folder
+    arch = toy.architecture()
+    modules = toy.build(arch, args.seed)
+    text_side = toy.text_side(modules, out)  # writes the tokenizers into `out`
 
     started = time.perf_counter()
     train_vae(modules["vae"], args, vae_rng)
@@ -297,23 +284,14 @@ def main() -> None:
     modules["vae"].register_to_config(scaling_factor=scale)
     print(f"encoded {args.pool} scenes; latent scaling factor {scale}", flush=True)
     modules.update(
-        train_denoiser(
-            modules["unet"],
-            modules["text_encoder"],
-            tokenizer,
-            pool,
-            scale,
-            args,
-            unet_rng,
-            generator,
-        )
+        train_denoiser(modules["unet"], text_side, pool, scale, args, unet_rng, generator)
     )
     done = time.perf_counter()
-    save({k: m.eval() for k, m in modules.items()}, arch, args.out, torch.float16)
+    toy.save({k: m.eval() for k, m in modules.items()}, arch, out, torch.float16)
     print(
         f"trained in {(done - started) / 60:.1f} min (VAE {(vae_done - started) / 60:.1f}, "
-        f"UNet + text encoder {(done - vae_done) / 60:.1f}) on {args.threads} thread(s); "
-        f"wrote {args.out}",
+        f"UNet + text encoders {(done - vae_done) / 60:.1f}) on {args.threads} thread(s); "
+        f"wrote {out}",
         flush=True,
     )
 

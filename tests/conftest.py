@@ -1,5 +1,6 @@
-"""Shared fixtures: the shipped model and a tiny SDXL one, each loaded once per test session as
-the runtime loads it; ``family_handler`` runs a test once with each."""
+"""Shared fixtures: the shipped model, a tiny SDXL one and the trained SDXL toy, each loaded once
+per test session as the runtime loads it; ``family_handler`` runs a test once with each of the
+first two."""
 
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def sdxl_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sdxl_handler(sdxl_folder):
     return load_handler(sdxl_folder)
+
+
+@pytest.fixture(scope="session")
+def sdxl_toy_handler():
+    """The trained SDXL toy (tests/models/sdxl) behind the repo's handler.py."""
+    from model_tools.evaluate import build_handler
+    from model_tools.toys import TOYS
+
+    return build_handler(TOYS["sdxl"].folder)
 
 
 @pytest.fixture(params=["sd", "sdxl"])

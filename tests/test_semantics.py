@@ -1,14 +1,18 @@
-"""The shipped model draws what it is told: wiring mistakes (a prompt ignored, prompt and
-negative prompt swapped, guidance dropped) change the pictures, and these tests see it.
+"""The toy models draw what they are told: wiring mistakes (a prompt ignored, prompt and
+negative prompt swapped, guidance dropped) change the pictures, and these tests see it, once
+through the SD path (the shipped model) and once through the SDXL path (the SDXL toy in
+``tests/models/sdxl``).
 
 Pictures are judged by the numpy measurements of ``model_tools.synthetic``;
-``python -m model_tools.evaluate`` runs the same judgement over many more prompts.
+``python -m model_tools.evaluate [--family sdxl]`` runs the same judgement over many more
+prompts.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from model_tools.evaluate import COMBINATIONS, prompts
 from model_tools.synthetic import (
@@ -23,8 +27,16 @@ from model_tools.synthetic import (
     random_scene,
     render,
 )
+from sd_endpoint.engine import latents_to_pixels
+from sd_endpoint.families import SDXL
 from tests.conftest import decode_image
 from tests.test_prompts import stock_pixels
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def toy_handler(request):
+    """The shipped SD model's handler, then the SDXL toy's."""
+    return request.getfixturevalue("handler" if request.param == "sd" else "sdxl_toy_handler")
 
 
 def generate(handler, prompt: str, seed: int, **parameters):
@@ -53,14 +65,14 @@ def test_an_empty_picture_has_no_colour_and_no_shape():
         assert (m.background, m.colour, m.shape) == (name, None, None)
 
 
-def test_the_asked_colour_is_the_one_drawn(handler):
+def test_the_asked_colour_is_the_one_drawn(toy_handler):
     cases = [
         (colour, SHAPES[i % len(SHAPES)], background)
         for i, (colour, background) in enumerate((c, b) for c in COLOURS for b in BACKGROUNDS)
     ]
     misses = []
     for seed, (colour, shape, background) in enumerate(cases):
-        m = generate(handler, caption(colour, shape, background), seed)
+        m = generate(toy_handler, caption(colour, shape, background), seed)
         if m.colour != colour or m.background != background:
             misses.append(f"{colour} {shape} on {background}: got {m.colour} on {m.background}")
     # One miss in eight is the model's error rate; a prompt that does not reach the model
@@ -68,31 +80,51 @@ def test_the_asked_colour_is_the_one_drawn(handler):
     assert len(misses) <= 1, misses
 
 
-def test_a_negative_prompt_keeps_out_the_colour_it_names(handler):
+def test_a_negative_prompt_keeps_out_the_colour_it_names(toy_handler):
     """Each seed is first drawn with a prompt that names no colour; told to avoid the colour
     it drew, the same seed must draw another. Dropping the negative prompt, dropping
     guidance, or swapping it with the prompt each leave the colour in."""
     prompt = caption(None, "circle", "white")
-    drawn = {seed: generate(handler, prompt, seed).colour for seed in range(6)}
+    drawn = {seed: generate(toy_handler, prompt, seed).colour for seed in range(6)}
     assert all(drawn.values()), drawn
     kept_in = [
         (seed, colour)
         for seed, colour in drawn.items()
-        if generate(handler, prompt, seed, negative_prompt=colour).colour == colour
+        if generate(toy_handler, prompt, seed, negative_prompt=colour).colour == colour
     ]
     assert len(kept_in) <= 1, kept_in
 
 
-def test_guidance_makes_the_pictures_follow_the_prompt(handler):
+@pytest.mark.parametrize(
+    "toy_handler",
+    [
+        "sd",
+        pytest.param(
+            "sdxl",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the SDXL toy follows its prompts unguided (94% all right) and guidance 7.5 "
+                "over-guides it (86%; 3 gives 100%): docs/model.md#the-sdxl-toy",
+            ),
+        ),
+    ],
+    indirect=True,
+)
+def test_guidance_makes_the_pictures_follow_the_prompt(toy_handler):
     """Without guidance the shipped model gets one prompt in four wrong (colour, shape or
     background); at guidance 7.5 one in ten (``model_tools.evaluate``: 75% vs 90% right; here
     4 vs 2 of 24). A handler that loses guidance_scale on the way to the pipeline draws the
-    same either way; one that loses the prompt gets most of them wrong."""
+    same either way; one that loses the prompt gets most of them wrong.
+
+    The SDXL toy fails it (4 vs 1 of 24): its pooled text embedding, which SDXL adds to the
+    UNet's time embedding, lets it follow prompts without guidance, and 7.5 pushes it past
+    them. Its negative-prompt test, which only guidance can pass, shows guidance reaching its
+    pipeline."""
 
     def misses(guidance: float) -> list[str]:
         wrong = []
         for p in prompts(len(COMBINATIONS)):
-            m = generate(handler, p.text, p.seed, guidance_scale=guidance)
+            m = generate(toy_handler, p.text, p.seed, guidance_scale=guidance)
             if (m.colour, m.shape, m.background) != (p.colour, p.shape, p.background):
                 wrong.append(f"{p.text!r} seed {p.seed}: {m.colour} {m.shape} on {m.background}")
         return wrong
@@ -111,13 +143,13 @@ def test_filler_names_nothing_of_the_world():
 LONG_FILLER = ", ".join(FILLER[:9])
 
 
-def test_a_colour_named_after_77_tokens_is_drawn_with_chunks_and_not_when_cut(handler):
+def test_a_colour_named_after_77_tokens_is_drawn_with_chunks_and_not_when_cut(toy_handler):
     """The endpoint encodes a long prompt in 75-token chunks, as AUTOMATIC1111 does; the stock
     pipeline cuts it at 77 tokens. The colour (with the shape and background) is named after
     the filler, so cut off it never reaches the model, which then gets it right by chance.
-    Measured: 15 of 16 seeds chunked, 4 of 16 cut. An encoder that truncated, or dropped the
-    later chunks, fails."""
-    tokenizer = handler.engine.pipe.tokenizer
+    Measured: 15 of 16 seeds chunked, 4 of 16 cut (the SDXL toy: 16 and 4). An encoder that
+    truncated, or dropped the later chunks, fails."""
+    tokenizer = toy_handler.engine.pipe.tokenizer
     assert len(tokenizer(LONG_FILLER + ",", add_special_tokens=False, verbose=False).input_ids) > 77
     chunked, cut = [], []
     backgrounds = list(BACKGROUNDS)
@@ -125,7 +157,28 @@ def test_a_colour_named_after_77_tokens_is_drawn_with_chunks_and_not_when_cut(ha
         colour, shape = list(COLOURS)[seed % 4], SHAPES[seed % 3]
         background = backgrounds[(seed // 4) % 2]
         prompt = f"{LONG_FILLER}, {caption(colour, shape, background)}"
-        chunked.append(generate(handler, prompt, seed).colour == colour)
-        pixels = stock_pixels(handler, prompt, None, seed, steps=25)
+        chunked.append(generate(toy_handler, prompt, seed).colour == colour)
+        pixels = cut_pixels(toy_handler, prompt, seed)
         cut.append(measure(pixels).colour == colour)
     assert sum(chunked) >= 12 and sum(cut) <= 8 and sum(chunked) - sum(cut) >= 6, (chunked, cut)
+
+
+def cut_pixels(handler, prompt: str, seed: int) -> np.ndarray:
+    """The image the family's stock diffusers pipeline draws: its own encoding, cut at 77
+    tokens (for SDXL, both encoders' and the pooled embedding; an absent negative prompt is
+    zeros, as the endpoint encodes it)."""
+    if handler.engine.family is not SDXL:
+        return stock_pixels(handler, prompt, None, seed, steps=25)
+    engine = handler.engine
+    pipe = engine.pipe
+    with engine._lock, torch.inference_mode():
+        pipe.scheduler = engine.new_scheduler("default")
+        pipe.unet = engine._eager_unet
+        latents = pipe(
+            prompt=prompt,
+            num_inference_steps=25,
+            guidance_scale=7.5,
+            generator=[torch.Generator("cpu").manual_seed(seed)],
+            output_type="latent",
+        ).images
+        return latents_to_pixels(pipe.vae, latents).cpu().numpy()[0]
