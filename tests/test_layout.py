@@ -95,3 +95,11 @@ def test_scripts_are_thin_entry_points(path):
     defined = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
     assert not defined, f"{path.name} defines {defined}: library code belongs in a package"
     assert len(path.read_text().splitlines()) <= 30
+
+
+def test_docs_layout_names_every_module():
+    text = (ROOT / "docs" / "layout.md").read_text()
+    missing = [
+        name for name in MODULES if name.count(".") and f"`{name.rsplit('.', 1)[-1]}" not in text
+    ]
+    assert not missing, f"docs/layout.md does not name {missing}"
