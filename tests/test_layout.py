@@ -99,7 +99,7 @@ def test_scripts_are_thin_entry_points(path):
 
 def test_docs_layout_names_every_module():
     text = (ROOT / "docs" / "layout.md").read_text()
-    missing = [
-        name for name in MODULES if name.count(".") and f"`{name.rsplit('.', 1)[-1]}" not in text
-    ]
+    # A package's __main__ is named by its package (`python -m package`).
+    modules = [name for name in MODULES if name.count(".") and not name.endswith(".__main__")]
+    missing = [name for name in modules if f"`{name.rsplit('.', 1)[-1]}" not in text]
     assert not missing, f"docs/layout.md does not name {missing}"
