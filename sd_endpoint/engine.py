@@ -19,7 +19,12 @@ from packaging.version import Version
 from PIL import Image
 
 from . import samplers
-from .acceleration import auto_cpu_dtype, warn_if_slow_bfloat16
+from .acceleration import (
+    auto_cpu_dtype,
+    compile_arguments,
+    resolve_compile,
+    warn_if_slow_bfloat16,
+)
 from .prompts import PromptEncoder
 from .schema import GenerationRequest, parse_request
 from .settings import Settings
@@ -172,11 +177,11 @@ class Engine:
         # Compiled code is used only at the warm-up sizes, where it was compiled before the
         # endpoint took requests: any other size runs eagerly instead of stalling on a compile.
         self._compiled_sizes: set[tuple[int, int]] = set()
-        if settings.compile != "off":
-            self._compiled_unet = torch.compile(pipe.unet, mode=settings.compile, dynamic=False)
-            self._compiled_pixels = torch.compile(
-                latents_to_pixels, mode=settings.compile, dynamic=False
-            )
+        self.compile_mode = resolve_compile(settings, self.device, self.dtype, path)
+        if self.compile_mode != "off":
+            arguments = compile_arguments(self.compile_mode, self.device)
+            self._compiled_unet = torch.compile(pipe.unet, **arguments)
+            self._compiled_pixels = torch.compile(latents_to_pixels, **arguments)
         self._warm_up(settings)
         self.startup_timings = {
             "loading": loaded - started,
@@ -200,7 +205,7 @@ class Engine:
                 request = parse_request(body, settings.limits, self.native_size)
             except ValueError as exc:
                 raise ValueError(f"SD_WARMUP size {width}x{height}: {exc}") from None
-            if settings.compile != "off":
+            if self.compile_mode != "off":
                 self._compiled_sizes.add((height, width))
             self.generate(request)
             log.info("warmed up at %dx%d in %.2f s", width, height, time.perf_counter() - started)
@@ -235,6 +240,9 @@ class Engine:
         # generator per image (seed + i), so each image of a batch can be made again alone.
         seeds = request.seeds
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        latents = starting_noise(
+            self._eager_unet.config, request, pipe.vae_scale_factor, generators
+        )
 
         # Compiled code was traced at batch 1: a batch runs eagerly rather than recompiling.
         compiled = (request.height, request.width) in self._compiled_sizes and len(seeds) == 1
@@ -262,7 +270,8 @@ class Engine:
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=len(seeds),
-            generator=generators,
+            generator=generators,  # for samplers that add noise at every step
+            latents=latents.to(self.device, self.dtype),
             output_type="latent",
         ).images
         clock.lap("denoising")
@@ -295,6 +304,22 @@ def _is_out_of_memory(exc: RuntimeError) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or any(
         words in text for words in ("out of memory", "not enough memory")
     )
+
+
+def starting_noise(unet_config, request: GenerationRequest, vae_scale_factor: int, generators):
+    """Each image's starting latents, drawn as diffusers draws them, but always in float32.
+
+    torch 2.5 (the base image's) draws other numbers for a seed in bfloat16 or float16 than in
+    float32, so the same seed would give another image in another dtype; newer torch draws the
+    same numbers, and there this changes nothing.
+    """
+    shape = (
+        1,
+        unet_config.in_channels,
+        request.height // vae_scale_factor,
+        request.width // vae_scale_factor,
+    )
+    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
 
 def latents_to_pixels(vae, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
