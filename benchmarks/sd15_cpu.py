@@ -123,9 +123,21 @@ def child_handler(model: Path, size: int, steps: int, target_steps: int) -> dict
         **result,
         "ready": ready,
         "startup": engine.startup_timings,
-        "dtype": str(engine.dtype).removeprefix("torch."),
+        "dtype": handler_path(engine),
+        "compile": engine.compile_mode,
         "settings": {k: v for k, v in vars(engine.settings).items() if k not in {"limits"}},
     }
+
+
+def handler_path(engine) -> str:
+    """What the handler's defaults chose here, such as "bfloat16, channels-last, compiled"."""
+    parts = [str(engine.dtype).removeprefix("torch.")]
+    if engine.settings.channels_last:
+        parts.append("channels-last")
+    if engine.compile_mode != "off":
+        frozen = " with frozen weights" if engine.device.type == "cpu" else ""
+        parts.append(f"compiled{frozen} at SD_WARMUP={engine.settings.warmup}")
+    return ", ".join(parts)
 
 
 def child_openvino(model: Path, size: int, steps: int, target_steps: int) -> dict:
@@ -196,6 +208,18 @@ def run_contender(name: str, model: Path, size: int, steps: int, target_steps: i
     return data
 
 
+def startup(data: dict) -> str:
+    """Seconds from nothing loaded to ready: the handler's includes its warm-up (and compiling
+    where SD_COMPILE does), OpenVINO's its compile for static shapes, plus a one-off export
+    where this run made it."""
+    text = f"{data['ready']:.0f} s"
+    if "startup" in data:
+        text += f" (warm-up {data['startup']['warmup']:.0f} s)"
+    if data.get("export"):
+        text += f" + export {data['export']:.0f} s once"
+    return text
+
+
 def smallest_instance(peak_bytes: int) -> str:
     for vcpus in SPR_VCPUS:
         if peak_bytes * MEMORY_HEADROOM <= vcpus * GB_PER_VCPU:
@@ -254,6 +278,7 @@ def measure(model: Path, size: int, steps: int, target_steps: int, contenders) -
         "fixed",
         f"{target_steps} steps" + (" (measured)" if steps > 4 else ""),
         "vs stock",
+        "start-up",
         "peak RSS load",
         "peak RSS request",
         "smallest intel-spr",
@@ -274,6 +299,7 @@ def measure(model: Path, size: int, steps: int, target_steps: int, contenders) -
                 f"{data['fixed']:.1f} s",
                 f"{data['estimate']:.1f} s" + (f" ({data['total']:.1f})" if steps > 4 else ""),
                 f"{speedup:.2f}x",
+                startup(data),
                 f"{data['peak_load'] / 1e9:.1f} GB",
                 f"{data['peak_request'] / 1e9:.1f} GB",
                 data["instance"],
