@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,11 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     ensure_sd15(model)
     results, rows = {}, []
     for config in args.configs.split(","):
-        data = run_child(
-            "benchmarks.cpu_levers",
-            *("--child", config, "--model", str(model), "--size", str(args.size)),
-            *("--repeats", str(args.repeats), "--threads", str(args.threads)),
-        )
+        # An empty compile cache for each: compile times are a fresh replica's.
+        with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
+            data = run_child(
+                "benchmarks.cpu_levers",
+                *("--child", config, "--model", str(model), "--size", str(args.size)),
+                *("--repeats", str(args.repeats), "--threads", str(args.threads)),
+                env={"TORCHINDUCTOR_CACHE_DIR": cache},
+            )
         results[config] = data
         stages = data["stages"]
         row = [config]

@@ -30,6 +30,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -198,7 +199,11 @@ def run_contender(name: str, model: Path, size: int, steps: int, target_steps: i
     load_before = os.getloadavg()[0]
     # A CPU benchmark: the handler must not pick a GPU the machine may also have.
     environ = {**os.environ, "SD_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environ)
+    # torch.compile's caches start empty, as on a fresh endpoint replica: a compile is timed
+    # in full, never served from an earlier run's cache.
+    with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
+        environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environ)
     if result.returncode != 0:
         return f"failed: {result.stderr.strip().splitlines()[-1][:300] if result.stderr else ''}"
     data = json.loads(result.stdout.strip().splitlines()[-1])
