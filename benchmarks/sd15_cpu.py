@@ -125,7 +125,6 @@ def child_handler(model: Path, size: int, steps: int, target_steps: int) -> dict
         "ready": ready,
         "startup": engine.startup_timings,
         "dtype": handler_path(engine),
-        "compile": engine.compile_mode,
         "settings": {k: v for k, v in vars(engine.settings).items() if k not in {"limits"}},
     }
 
@@ -135,9 +134,8 @@ def handler_path(engine) -> str:
     parts = [str(engine.dtype).removeprefix("torch.")]
     if engine.settings.channels_last:
         parts.append("channels-last")
-    if engine.compile_mode != "off":
-        frozen = " with frozen weights" if engine.device.type == "cpu" else ""
-        parts.append(f"compiled{frozen} at SD_WARMUP={engine.settings.warmup}")
+    if engine.settings.compile != "off":
+        parts.append(f"compiled ({engine.settings.compile}) at SD_WARMUP={engine.settings.warmup}")
     return ", ".join(parts)
 
 

@@ -19,12 +19,7 @@ from packaging.version import Version
 from PIL import Image
 
 from . import samplers
-from .acceleration import (
-    auto_cpu_dtype,
-    compile_arguments,
-    resolve_compile,
-    warn_if_slow_bfloat16,
-)
+from .acceleration import auto_cpu_dtype, warn_if_slow_bfloat16
 from .prompts import PromptEncoder
 from .schema import GenerationRequest, parse_request
 from .settings import Settings
@@ -177,11 +172,11 @@ class Engine:
         # Compiled code is used only at the warm-up sizes, where it was compiled before the
         # endpoint took requests: any other size runs eagerly instead of stalling on a compile.
         self._compiled_sizes: set[tuple[int, int]] = set()
-        self.compile_mode = resolve_compile(settings, self.device, self.dtype, path)
-        if self.compile_mode != "off":
-            arguments = compile_arguments(self.compile_mode, self.device)
-            self._compiled_unet = torch.compile(pipe.unet, **arguments)
-            self._compiled_pixels = torch.compile(latents_to_pixels, **arguments)
+        if settings.compile != "off":
+            self._compiled_unet = torch.compile(pipe.unet, mode=settings.compile, dynamic=False)
+            self._compiled_pixels = torch.compile(
+                latents_to_pixels, mode=settings.compile, dynamic=False
+            )
         self._warm_up(settings)
         self.startup_timings = {
             "loading": loaded - started,
@@ -205,7 +200,7 @@ class Engine:
                 request = parse_request(body, settings.limits, self.native_size)
             except ValueError as exc:
                 raise ValueError(f"SD_WARMUP size {width}x{height}: {exc}") from None
-            if self.compile_mode != "off":
+            if settings.compile != "off":
                 self._compiled_sizes.add((height, width))
             self.generate(request)
             log.info("warmed up at %dx%d in %.2f s", width, height, time.perf_counter() - started)

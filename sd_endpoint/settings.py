@@ -106,14 +106,11 @@ class Settings:
         },
     )
     compile: str = field(
-        default="auto",
+        default="off",
         metadata={
-            "help": "`auto`, `off`, or a torch.compile mode (" + ", ".join(COMPILE_MODES[1:]) + ") "
+            "help": "`off`, or a torch.compile mode (" + ", ".join(COMPILE_MODES[1:]) + ") "
             "for the UNet and the VAE decoder at the SD_WARMUP sizes, compiled during warm-up; "
-            "other sizes and batches run uncompiled, so they never wait for a compile. On a CPU "
-            "the weights are frozen into the compiled code (pre-packed for oneDNN). `auto` is "
-            "`default` for a full-size model in bfloat16 on a CPU with AMX or AVX-512 BF16 "
-            "(MEASURED) and `off` everywhere else."
+            "other sizes run uncompiled, so they never wait for a compile."
         },
     )
     channels_last: bool = field(
@@ -148,12 +145,12 @@ class Settings:
             raise ValueError(
                 f"SD_SAFETY_CHECKER={self.safety_checker!r} is not one of {', '.join(SAFETY_MODES)}"
             )
-        if self.compile not in ("auto", *COMPILE_MODES):
+        if self.compile not in COMPILE_MODES:
             raise ValueError(
-                f"SD_COMPILE={self.compile!r} is not one of auto, {', '.join(COMPILE_MODES)}"
+                f"SD_COMPILE={self.compile!r} is not one of {', '.join(COMPILE_MODES)}"
             )
         sizes = self.warmup_sizes()  # a malformed SD_WARMUP fails here, whatever SD_COMPILE is
-        if self.compile not in ("auto", "off") and not sizes:
+        if self.compile != "off" and not sizes:
             raise ValueError("SD_COMPILE compiles for the SD_WARMUP sizes; set SD_WARMUP too")
         for name in ("num_threads", "vae_tile_above_pixels"):
             if getattr(self, name) < 0:

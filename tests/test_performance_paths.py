@@ -139,19 +139,6 @@ def test_compiled_path_gives_the_eager_image_and_never_recompiles(repo_root, pla
     assert counters["stats"]["unique_graphs"] == graphs, "a cold size started a compile"
 
 
-@pytest.mark.slow
-def test_compiled_bfloat16_with_frozen_weights_gives_the_eager_image(repo_root):
-    """What SD_COMPILE=auto does on a CPU with AMX or AVX-512 BF16, forced onto the shipped
-    model: minutes of compiling on two cores."""
-    eager = build(repo_root, dtype="bfloat16", warmup="")
-    compiled = build(repo_root, dtype="bfloat16", compile="default", warmup="64x64")
-    assert compiled.engine.compile_mode == "default"
-    for seed in (7, 9):
-        request = {**SMALL, "seed": seed, "inference_steps": 25, "width": 64, "height": 64}
-        difference = np.abs(pixels(compiled(request)) - pixels(eager(request)))
-        assert difference.mean() < 3, f"seed {seed}: mean difference {difference.mean():.2f}"
-
-
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_runs_in_half_precision_with_stage_timings(repo_root):
