@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import secrets
@@ -18,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 from packaging.version import Version
 from PIL import Image
 
-from . import samplers
+from . import openvino_engine, samplers
 from .acceleration import auto_cpu_dtype, warn_if_slow_bfloat16
 from .prompts import PromptEncoder
 from .schema import GenerationRequest, parse_request
@@ -172,12 +173,21 @@ class Engine:
         # Compiled code is used only at the warm-up sizes, where it was compiled before the
         # endpoint took requests: any other size runs eagerly instead of stalling on a compile.
         self._compiled_sizes: set[tuple[int, int]] = set()
-        if settings.compile != "off":
+        # Or OpenVINO, where the folder carries an export: compiled at the warm-up sizes too.
+        self.openvino = openvino_engine.load(
+            path, settings.openvino, self.device, self.dtype, settings.num_threads
+        )
+        if self.openvino is not None:
+            self._compiled_unet = self.openvino.unet(pipe.unet)
+            vae = self.openvino.vae(pipe.vae)
+            self._compiled_pixels = lambda _, latents, tiled: latents_to_pixels(vae, latents, tiled)
+        elif settings.compile != "off":
             self._compiled_unet = torch.compile(pipe.unet, mode=settings.compile, dynamic=False)
             self._compiled_pixels = torch.compile(
                 latents_to_pixels, mode=settings.compile, dynamic=False
             )
-        self._warm_up(settings)
+        with self.openvino.compiling() if self.openvino is not None else contextlib.nullcontext():
+            self._warm_up(settings)
         self.startup_timings = {
             "loading": loaded - started,
             "moving": moved - loaded,
@@ -200,7 +210,7 @@ class Engine:
                 request = parse_request(body, settings.limits, self.native_size)
             except ValueError as exc:
                 raise ValueError(f"SD_WARMUP size {width}x{height}: {exc}") from None
-            if settings.compile != "off":
+            if settings.compile != "off" or self.openvino is not None:
                 self._compiled_sizes.add((height, width))
             self.generate(request)
             log.info("warmed up at %dx%d in %.2f s", width, height, time.perf_counter() - started)

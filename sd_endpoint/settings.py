@@ -59,6 +59,7 @@ class Limits:
 SAFETY_MODES = ("block", "flag", "off")
 # torch.compile's modes; "off" runs eagerly.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPENVINO_MODES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,17 @@ class Settings:
             "other sizes run uncompiled, so they never wait for a compile."
         },
     )
+    openvino: str = field(
+        default="auto",
+        metadata={
+            "help": "`auto` or `off`. `auto` runs the UNet and the VAE decoder on OpenVINO at the "
+            "SD_WARMUP sizes when the model folder carries an export of them (`openvino/`, "
+            "written by `python -m model_tools.openvino_export`), the device is a CPU and the "
+            "`openvino` package is installed; other sizes, batches and long prompts run on "
+            "PyTorch. On an AMX Xeon it made SD 1.5's UNet step 1.22x and its VAE decode 1.35x "
+            "faster than bfloat16 PyTorch (1.55x / 1.83x with the base image's torch 2.5.1)."
+        },
+    )
     channels_last: bool = field(
         default=True,
         metadata={
@@ -148,6 +160,10 @@ class Settings:
         if self.compile not in COMPILE_MODES:
             raise ValueError(
                 f"SD_COMPILE={self.compile!r} is not one of {', '.join(COMPILE_MODES)}"
+            )
+        if self.openvino not in OPENVINO_MODES:
+            raise ValueError(
+                f"SD_OPENVINO={self.openvino!r} is not one of {', '.join(OPENVINO_MODES)}"
             )
         sizes = self.warmup_sizes()  # a malformed SD_WARMUP fails here, whatever SD_COMPILE is
         if self.compile != "off" and not sizes:
