@@ -1,7 +1,14 @@
 """Full-size SD 1.5 on a CPU: the stock float32 pipeline vs the handler's defaults vs OpenVINO.
 
-    flock /tmp/heavy.lock .venv/bin/python scripts/bench_sd15_cpu.py            # 512x512
+    flock /tmp/heavy.lock PYTHON scripts/bench_sd15_cpu.py --steps 3            # 512x512
     .venv/bin/python scripts/benchmark.py --sections 8                          # the same
+
+The contenders: ``stock``, the diffusers pipeline in float32 as most handlers run it;
+``handler``, handler.py with every setting at its default, on the folder prepared for CPU
+serving where PYTHON has the ``openvino`` package (the folder's UNet and VAE decoder are then
+exported once, model_tools.openvino_export, and served by OpenVINO at the warm-up size);
+``pytorch``, the same handler on PyTorch alone (``SD_OPENVINO=off``: a folder without the
+export); ``openvino``, optimum-intel's own OpenVINO pipeline.
 
 SD 1.5's exact architecture with random weights (model_tools.build --arch sd15; built once),
 512x512, the same prompt and seed for every contender; any other model folder with --model.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -111,10 +119,11 @@ def child_stock(model: Path, size: int, steps: int, target_steps: int) -> dict:
     return {**result, "ready": ready, "dtype": "float32"}
 
 
-def child_handler(model: Path, size: int, steps: int, target_steps: int) -> dict:
-    """handler.py as the runtime builds it, every setting at its default (SD_WARMUP=native)."""
+def child_handler(model: Path, size: int, steps: int, target_steps: int, **overrides) -> dict:
+    """handler.py as the runtime builds it, every setting at its default (SD_WARMUP=native):
+    with OpenVINO where the folder carries an export and this Python has the package."""
     started = time.perf_counter()
-    handler = make_handler(model)
+    handler = make_handler(model, **overrides)
     ready = time.perf_counter() - started
     engine = handler.engine
     request = {"inputs": PROMPT, "width": size, "height": size, "seed": SEED}
@@ -129,9 +138,16 @@ def child_handler(model: Path, size: int, steps: int, target_steps: int) -> dict
     }
 
 
+def child_pytorch(model: Path, size: int, steps: int, target_steps: int) -> dict:
+    """The handler's defaults on a folder without an OpenVINO export: PyTorch alone."""
+    return child_handler(model, size, steps, target_steps, openvino="off")
+
+
 def handler_path(engine) -> str:
-    """What the handler's defaults chose here, such as "bfloat16, channels-last, compiled"."""
+    """What the handler's defaults chose here, such as "bfloat16, channels-last"."""
     parts = [str(engine.dtype).removeprefix("torch.")]
+    if engine.openvino is not None:
+        parts = [f"OpenVINO {engine.openvino.precision} UNet + VAE decoder", *parts]
     if engine.settings.channels_last:
         parts.append("channels-last")
     if engine.settings.compile != "off":
@@ -177,7 +193,12 @@ def child_openvino(model: Path, size: int, steps: int, target_steps: int) -> dic
     }
 
 
-CHILDREN = {"stock": child_stock, "handler": child_handler, "openvino": child_openvino}
+CHILDREN = {
+    "stock": child_stock,
+    "handler": child_handler,
+    "pytorch": child_pytorch,
+    "openvino": child_openvino,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,9 +271,31 @@ def cpu_description() -> str:
     )
 
 
+def ensure_openvino_export(model: Path) -> None:
+    """The folder prepared for CPU serving, where this Python can: the handler then runs what
+    a person who prepared the repository gets (model_tools.openvino_export, timed once)."""
+    if (model / "openvino" / "export.json").is_file():
+        return
+    if importlib.util.find_spec("openvino") is None:
+        print(
+            "  no openvino package in this Python: the handler runs PyTorch alone "
+            "(its row is then the `pytorch` contender's)",
+            flush=True,
+        )
+        return
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "model_tools.openvino_export", "--model-dir", str(model)]
+    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
+    print(
+        f"  exported the UNet and VAE decoder for OpenVINO in {time.perf_counter() - started:.0f} s"
+    )
+
+
 def measure(model: Path, size: int, steps: int, target_steps: int, contenders) -> dict:
     """Every contender in turn on ``model``; prints the table and returns the figures."""
     ensure_sd15(model)
+    if "handler" in contenders:
+        ensure_openvino_export(model)
     print(f"  {cpu_description()}")
     print(
         f"  {size}x{size}; each contender measured over {steps} steps in a fresh process; "
@@ -318,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4, help="steps measured per contender")
     parser.add_argument("--target-steps", type=int, default=25)
-    parser.add_argument("--contenders", default="stock,handler,openvino")
+    parser.add_argument("--contenders", default="stock,handler,pytorch,openvino")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
