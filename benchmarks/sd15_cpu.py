@@ -1,7 +1,14 @@
 """Full-size SD 1.5 on a CPU: the stock float32 pipeline vs the handler's defaults vs OpenVINO.
 
-    flock /tmp/heavy.lock .venv/bin/python scripts/bench_sd15_cpu.py            # 512x512
+    flock /tmp/heavy.lock PYTHON scripts/bench_sd15_cpu.py --steps 3            # 512x512
     .venv/bin/python scripts/benchmark.py --sections 8                          # the same
+
+The contenders: ``stock``, the diffusers pipeline in float32 as most handlers run it;
+``handler``, handler.py with every setting at its default, on the folder prepared for CPU
+serving where PYTHON has the ``openvino`` package (the folder's UNet and VAE decoder are then
+exported once, model_tools.openvino_export, and served by OpenVINO at the warm-up size);
+``pytorch``, the same handler on PyTorch alone (``SD_OPENVINO=off``: a folder without the
+export); ``openvino``, optimum-intel's own OpenVINO pipeline.
 
 SD 1.5's exact architecture with random weights (model_tools.build --arch sd15; built once),
 512x512, the same prompt and seed for every contender; any other model folder with --model.
@@ -25,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,10 +119,11 @@ def child_stock(model: Path, size: int, steps: int, target_steps: int) -> dict:
     return {**result, "ready": ready, "dtype": "float32"}
 
 
-def child_handler(model: Path, size: int, steps: int, target_steps: int) -> dict:
-    """handler.py as the runtime builds it, every setting at its default (SD_WARMUP=native)."""
+def child_handler(model: Path, size: int, steps: int, target_steps: int, **overrides) -> dict:
+    """handler.py as the runtime builds it, every setting at its default (SD_WARMUP=native):
+    with OpenVINO where the folder carries an export and this Python has the package."""
     started = time.perf_counter()
-    handler = make_handler(model)
+    handler = make_handler(model, **overrides)
     ready = time.perf_counter() - started
     engine = handler.engine
     request = {"inputs": PROMPT, "width": size, "height": size, "seed": SEED}
@@ -123,9 +133,26 @@ def child_handler(model: Path, size: int, steps: int, target_steps: int) -> dict
         **result,
         "ready": ready,
         "startup": engine.startup_timings,
-        "dtype": str(engine.dtype).removeprefix("torch."),
+        "dtype": handler_path(engine),
         "settings": {k: v for k, v in vars(engine.settings).items() if k not in {"limits"}},
     }
+
+
+def child_pytorch(model: Path, size: int, steps: int, target_steps: int) -> dict:
+    """The handler's defaults on a folder without an OpenVINO export: PyTorch alone."""
+    return child_handler(model, size, steps, target_steps, openvino="off")
+
+
+def handler_path(engine) -> str:
+    """What the handler's defaults chose here, such as "bfloat16, channels-last"."""
+    parts = [str(engine.dtype).removeprefix("torch.")]
+    if engine.openvino is not None:
+        parts = [f"OpenVINO {engine.openvino.precision} UNet + VAE decoder", *parts]
+    if engine.settings.channels_last:
+        parts.append("channels-last")
+    if engine.settings.compile != "off":
+        parts.append(f"compiled ({engine.settings.compile}) at SD_WARMUP={engine.settings.warmup}")
+    return ", ".join(parts)
 
 
 def child_openvino(model: Path, size: int, steps: int, target_steps: int) -> dict:
@@ -166,7 +193,12 @@ def child_openvino(model: Path, size: int, steps: int, target_steps: int) -> dic
     }
 
 
-CHILDREN = {"stock": child_stock, "handler": child_handler, "openvino": child_openvino}
+CHILDREN = {
+    "stock": child_stock,
+    "handler": child_handler,
+    "pytorch": child_pytorch,
+    "openvino": child_openvino,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +218,11 @@ def run_contender(name: str, model: Path, size: int, steps: int, target_steps: i
     load_before = os.getloadavg()[0]
     # A CPU benchmark: the handler must not pick a GPU the machine may also have.
     environ = {**os.environ, "SD_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environ)
+    # torch.compile's caches start empty, as on a fresh endpoint replica: a compile is timed
+    # in full, never served from an earlier run's cache.
+    with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
+        environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=environ)
     if result.returncode != 0:
         return f"failed: {result.stderr.strip().splitlines()[-1][:300] if result.stderr else ''}"
     data = json.loads(result.stdout.strip().splitlines()[-1])
@@ -194,6 +230,18 @@ def run_contender(name: str, model: Path, size: int, steps: int, target_steps: i
         return f"unavailable: {data['unavailable']}"
     data["load_average"] = [load_before, os.getloadavg()[0]]
     return data
+
+
+def startup(data: dict) -> str:
+    """Seconds from nothing loaded to ready: the handler's includes its warm-up (and compiling
+    where SD_COMPILE does), OpenVINO's its compile for static shapes, plus a one-off export
+    where this run made it."""
+    text = f"{data['ready']:.0f} s"
+    if "startup" in data:
+        text += f" (warm-up {data['startup']['warmup']:.0f} s)"
+    if data.get("export"):
+        text += f" + export {data['export']:.0f} s once"
+    return text
 
 
 def smallest_instance(peak_bytes: int) -> str:
@@ -223,9 +271,31 @@ def cpu_description() -> str:
     )
 
 
+def ensure_openvino_export(model: Path) -> None:
+    """The folder prepared for CPU serving, where this Python can: the handler then runs what
+    a person who prepared the repository gets (model_tools.openvino_export, timed once)."""
+    if (model / "openvino" / "export.json").is_file():
+        return
+    if importlib.util.find_spec("openvino") is None:
+        print(
+            "  no openvino package in this Python: the handler runs PyTorch alone "
+            "(its row is then the `pytorch` contender's)",
+            flush=True,
+        )
+        return
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "model_tools.openvino_export", "--model-dir", str(model)]
+    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
+    print(
+        f"  exported the UNet and VAE decoder for OpenVINO in {time.perf_counter() - started:.0f} s"
+    )
+
+
 def measure(model: Path, size: int, steps: int, target_steps: int, contenders) -> dict:
     """Every contender in turn on ``model``; prints the table and returns the figures."""
     ensure_sd15(model)
+    if "handler" in contenders:
+        ensure_openvino_export(model)
     print(f"  {cpu_description()}")
     print(
         f"  {size}x{size}; each contender measured over {steps} steps in a fresh process; "
@@ -254,6 +324,7 @@ def measure(model: Path, size: int, steps: int, target_steps: int, contenders) -
         "fixed",
         f"{target_steps} steps" + (" (measured)" if steps > 4 else ""),
         "vs stock",
+        "start-up",
         "peak RSS load",
         "peak RSS request",
         "smallest intel-spr",
@@ -274,6 +345,7 @@ def measure(model: Path, size: int, steps: int, target_steps: int, contenders) -
                 f"{data['fixed']:.1f} s",
                 f"{data['estimate']:.1f} s" + (f" ({data['total']:.1f})" if steps > 4 else ""),
                 f"{speedup:.2f}x",
+                startup(data),
                 f"{data['peak_load'] / 1e9:.1f} GB",
                 f"{data['peak_request'] / 1e9:.1f} GB",
                 data["instance"],
@@ -289,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4, help="steps measured per contender")
     parser.add_argument("--target-steps", type=int, default=25)
-    parser.add_argument("--contenders", default="stock,handler,openvino")
+    parser.add_argument("--contenders", default="stock,handler,pytorch,openvino")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

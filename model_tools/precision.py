@@ -2,6 +2,7 @@
 
     python -m model_tools.precision                  # the repo's model, 24 native-size prompts
     python -m model_tools.precision --large 4        # and 4 at 512x512
+    python -m model_tools.precision --openvino --model-dir DIR  # bfloat16 on DIR's OpenVINO export
 
 Prints the mean absolute pixel difference (0-255 scale) between the two images of each
 request, the largest one, and how often each precision draws the asked colour, shape and
@@ -27,16 +28,29 @@ from .evaluate import GUIDED, STEPS, prompts
 from .synthetic import measure
 
 
-def handler_in(model_dir: Path, dtype: str):
+def handler_in(model_dir: Path, dtype: str, openvino: bool = False):
+    """A handler in ``dtype`` on PyTorch alone, or with the folder's OpenVINO export compiled at
+    the native size (model_tools.openvino_export; the path a folder prepared for CPU takes)."""
     sys.path.insert(0, str(REPO_ROOT))
     from handler import EndpointHandler
 
-    settings = dataclasses.replace(Settings.from_env(), dtype=dtype, warmup="")
-    return EndpointHandler(str(model_dir), settings)
+    settings = dataclasses.replace(
+        Settings.from_env(),
+        dtype=dtype,
+        warmup="native" if openvino else "",
+        openvino="auto" if openvino else "off",
+    )
+    handler = EndpointHandler(str(model_dir), settings)
+    if openvino and handler.engine.openvino is None:
+        raise SystemExit(f"{model_dir} is not served with OpenVINO here (see the log above)")
+    return handler
 
 
-def compare(model_dir: Path, native: int, large: int) -> dict:
-    handlers = {dtype: handler_in(model_dir, dtype) for dtype in ("float32", "bfloat16")}
+def compare(model_dir: Path, native: int, large: int, openvino: bool = False) -> dict:
+    handlers = {
+        "float32": handler_in(model_dir, "float32"),
+        "bfloat16": handler_in(model_dir, "bfloat16", openvino),
+    }
     cases = [(p, None) for p in prompts(native)] + [(p, 512) for p in prompts(large, native)]
     differences, right = [], {dtype: 0 for dtype in handlers}
     for prompt, side in cases:
@@ -76,13 +90,19 @@ def main() -> None:
     parser.add_argument("--native", type=int, default=24, help="prompts at the native size")
     parser.add_argument("--large", type=int, default=0, help="prompts at 512x512")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument(
+        "--openvino",
+        action="store_true",
+        help="serve the bfloat16 side with the folder's OpenVINO export (float32 stays PyTorch)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    result = compare(args.model_dir, args.native, args.large)
+    result = compare(args.model_dir, args.native, args.large, args.openvino)
+    bfloat16 = "bfloat16 on OpenVINO" if args.openvino else "bfloat16"
     print(
-        f"{result['requests']} requests, {STEPS} steps, float32 vs bfloat16: mean absolute "
+        f"{result['requests']} requests, {STEPS} steps, float32 vs {bfloat16}: mean absolute "
         f"pixel difference {result['mean_abs_pixel_difference']:.2f} / 255 (largest "
         f"{result['largest_mean_abs_pixel_difference']:.2f}); colour, shape and background "
         f"all right: float32 {result['all_right']['float32']:.0%}, "

@@ -6,6 +6,7 @@ read from the folder's family (``families``); nothing here branches on it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import secrets
@@ -22,7 +23,7 @@ import transformers
 from packaging.version import Version
 from PIL import Image
 
-from . import families, samplers
+from . import families, openvino_engine, samplers
 from .acceleration import auto_cpu_dtype, warn_if_slow_bfloat16
 from .adapters import Adapters
 from .families import Family
@@ -180,12 +181,21 @@ class Engine:
         # Compiled code is used only at the warm-up sizes, where it was compiled before the
         # endpoint took requests: any other size runs eagerly instead of stalling on a compile.
         self._compiled_sizes: set[tuple[int, int]] = set()
-        if settings.compile != "off":
+        # Or OpenVINO, where the folder carries an export: compiled at the warm-up sizes too.
+        self.openvino = openvino_engine.load(
+            path, settings.openvino, self.device, self.dtype, settings.num_threads
+        )
+        if self.openvino is not None:
+            self._compiled_unet = self.openvino.unet(pipe.unet)
+            vae = self.openvino.vae(pipe.vae)
+            self._compiled_pixels = lambda _, latents, tiled: decode_latents(vae, latents, tiled)
+        elif settings.compile != "off":
             self._compiled_unet = torch.compile(pipe.unet, mode=settings.compile, dynamic=False)
             self._compiled_pixels = torch.compile(
                 decode_latents, mode=settings.compile, dynamic=False
             )
-        self._warm_up(settings)
+        with self.openvino.compiling() if self.openvino is not None else contextlib.nullcontext():
+            self._warm_up(settings)
         self.startup_timings = {
             "loading": loaded - started,
             "moving": moved - loaded,
@@ -208,7 +218,7 @@ class Engine:
                 request = parse_request(body, settings.limits, self.native_size)
             except ValueError as exc:
                 raise ValueError(f"SD_WARMUP size {width}x{height}: {exc}") from None
-            if settings.compile != "off":
+            if settings.compile != "off" or self.openvino is not None:
                 self._compiled_sizes.add((height, width))
             self.generate(request)
             log.info("warmed up at %dx%d in %.2f s", width, height, time.perf_counter() - started)
@@ -243,6 +253,9 @@ class Engine:
         # generator per image (seed + i), so each image of a batch can be made again alone.
         seeds = request.seeds
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        latents = starting_noise(
+            self._eager_unet.config, request, pipe.vae_scale_factor, generators
+        )
 
         # Compiled code was traced at batch 1: a batch runs eagerly rather than recompiling.
         compiled = (request.height, request.width) in self._compiled_sizes and len(seeds) == 1
@@ -270,7 +283,8 @@ class Engine:
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=len(seeds),
-            generator=generators,
+            generator=generators,  # for samplers that add noise at every step
+            latents=latents.to(self.device, self.dtype),
             output_type="latent",
         ).images
         clock.lap("denoising")
@@ -320,6 +334,22 @@ def _is_out_of_memory(exc: RuntimeError) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or any(
         words in text for words in ("out of memory", "not enough memory")
     )
+
+
+def starting_noise(unet_config, request: GenerationRequest, vae_scale_factor: int, generators):
+    """Each image's starting latents, drawn as diffusers draws them, but always in float32.
+
+    torch 2.5 (the base image's) draws other numbers for a seed in bfloat16 or float16 than in
+    float32, so the same seed would give another image in another dtype; newer torch draws the
+    same numbers, and there this changes nothing.
+    """
+    shape = (
+        1,
+        unet_config.in_channels,
+        request.height // vae_scale_factor,
+        request.width // vae_scale_factor,
+    )
+    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
 
 def decode_latents(

@@ -126,9 +126,10 @@ def test_the_contest_runs_on_a_pndm_folder_with_openvino_unavailable(
         assert results[name]["unet_calls"] == STEPS + 1, results[name]
         assert results[name]["target_unet_calls"] == TARGET + 1
         assert results[name]["speedup"] > 0
-    assert results["handler"]["dtype"] == "float32", "the shipped model is small"
+    assert results["handler"]["dtype"] == "float32, channels-last", "the shipped model is small"
     table = capsys.readouterr().out
     assert "step (of 25)" in table and "4 / 26" in table and "unavailable" in table
+    assert "start-up" in table and "(warm-up " in table
 
 
 @pytest.mark.parametrize(
