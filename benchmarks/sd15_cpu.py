@@ -1,6 +1,6 @@
 """Full-size SD 1.5 on a CPU: the stock float32 pipeline vs the handler's defaults vs OpenVINO.
 
-    flock /tmp/heavy.lock PYTHON scripts/bench_sd15_cpu.py --steps 3            # 512x512
+    PYTHON scripts/bench_sd15_cpu.py --steps 3                                  # 512x512
     .venv/bin/python scripts/benchmark.py --sections 8                          # the same
 
 The contenders: ``stock``, the diffusers pipeline in float32 as most handlers run it;
@@ -8,7 +8,8 @@ The contenders: ``stock``, the diffusers pipeline in float32 as most handlers ru
 serving where PYTHON has the ``openvino`` package (the folder's UNet and VAE decoder are then
 exported once, model_tools.openvino_export, and served by OpenVINO at the warm-up size);
 ``pytorch``, the same handler on PyTorch alone (``SD_OPENVINO=off``: a folder without the
-export); ``openvino``, optimum-intel's own OpenVINO pipeline.
+export); ``int8``, the handler on the folder prepared with ``--int8`` (hybrid int8 UNet, lossy;
+a sibling folder sharing the weights); ``openvino``, optimum-intel's own OpenVINO pipeline.
 
 SD 1.5's exact architecture with random weights (model_tools.build --arch sd15; built once),
 512x512, the same prompt and seed for every contender; any other model folder with --model.
@@ -143,11 +144,28 @@ def child_pytorch(model: Path, size: int, steps: int, target_steps: int) -> dict
     return child_handler(model, size, steps, target_steps, openvino="off")
 
 
+def child_int8(model: Path, size: int, steps: int, target_steps: int) -> dict:
+    """The handler's defaults on the folder prepared for CPU with ``--int8``: its weights
+    shared with ``model``, its own export (int8_folder)."""
+    return child_handler(int8_folder(model), size, steps, target_steps)
+
+
+def int8_folder(model: Path) -> Path:
+    """A sibling of ``model`` whose entries link to its own, all but the OpenVINO export."""
+    folder = model.with_name(model.name + "-int8")
+    folder.mkdir(exist_ok=True)
+    for entry in model.iterdir():
+        if entry.name != "openvino" and not (folder / entry.name).exists():
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
 def handler_path(engine) -> str:
     """What the handler's defaults chose here, such as "bfloat16, channels-last"."""
     parts = [str(engine.dtype).removeprefix("torch.")]
     if engine.openvino is not None:
-        parts = [f"OpenVINO {engine.openvino.precision} UNet + VAE decoder", *parts]
+        unet = "int8 UNet" if "int8" in engine.openvino.unet_weights else "UNet"
+        parts = [f"OpenVINO {engine.openvino.precision} {unet} + VAE decoder", *parts]
     if engine.settings.channels_last:
         parts.append("channels-last")
     if engine.settings.compile != "off":
@@ -174,7 +192,10 @@ def child_openvino(model: Path, size: int, steps: int, target_steps: int) -> dic
         export_seconds = time.perf_counter() - started
         del pipe
     started = time.perf_counter()
-    pipe = OVStableDiffusionPipeline.from_pretrained(exported, compile=False)
+    # The handler's thread count (SD_NUM_THREADS), where one is set, for OpenVINO's runtime too.
+    threads = int(os.environ.get("SD_NUM_THREADS", "0"))
+    ov_config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+    pipe = OVStableDiffusionPipeline.from_pretrained(exported, compile=False, ov_config=ov_config)
     pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
     pipe.compile()
     pipe.set_progress_bar_config(disable=True)
@@ -197,6 +218,7 @@ CHILDREN = {
     "stock": child_stock,
     "handler": child_handler,
     "pytorch": child_pytorch,
+    "int8": child_int8,
     "openvino": child_openvino,
 }
 
@@ -271,7 +293,7 @@ def cpu_description() -> str:
     )
 
 
-def ensure_openvino_export(model: Path) -> None:
+def ensure_openvino_export(model: Path, *options: str) -> None:
     """The folder prepared for CPU serving, where this Python can: the handler then runs what
     a person who prepared the repository gets (model_tools.openvino_export, timed once)."""
     if (model / "openvino" / "export.json").is_file():
@@ -285,9 +307,10 @@ def ensure_openvino_export(model: Path) -> None:
         return
     started = time.perf_counter()
     command = [sys.executable, "-m", "model_tools.openvino_export", "--model-dir", str(model)]
-    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
+    subprocess.run([*command, *options], cwd=REPO_ROOT, check=True, capture_output=True)
     print(
-        f"  exported the UNet and VAE decoder for OpenVINO in {time.perf_counter() - started:.0f} s"
+        f"  exported the UNet and VAE decoder for OpenVINO {' '.join(options)} in "
+        f"{time.perf_counter() - started:.0f} s"
     )
 
 
@@ -296,6 +319,8 @@ def measure(model: Path, size: int, steps: int, target_steps: int, contenders) -
     ensure_sd15(model)
     if "handler" in contenders:
         ensure_openvino_export(model)
+    if "int8" in contenders:
+        ensure_openvino_export(int8_folder(model), "--int8")
     print(f"  {cpu_description()}")
     print(
         f"  {size}x{size}; each contender measured over {steps} steps in a fresh process; "

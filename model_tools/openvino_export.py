@@ -1,7 +1,10 @@
 """Prepare a model folder for CPU serving: its UNet and VAE decoder as OpenVINO models.
 
-    pip install openvino==2026.4.1                         # beside torch and diffusers
+    pip install -r requirements-cpu.txt                    # beside torch and diffusers
     python -m model_tools.openvino_export --model-dir DIR  # DIR/openvino/, ~2 min for SD 1.5
+    python -m model_tools.openvino_export --model-dir DIR --int8   # hybrid int8 UNet, lossy
+
+The importer does the same after an import with ``--openvino`` (and ``--int8``).
 
 The handler serves the UNet and the VAE decoder of a folder that carries ``openvino/`` with
 OpenVINO's CPU runtime at the SD_WARMUP sizes (sd_endpoint/openvino_engine.py), where the
@@ -13,8 +16,11 @@ when it compiles, bfloat16 on CPUs with AMX or AVX-512 BF16):
   sample, timestep (float, one value) and encoder_hidden_states, any batch, size and length;
 * ``openvino/vae_decoder/openvino_model.xml``: latents (already divided by the VAE's scaling
   factor) to the decoded image in [-1, 1];
-* ``openvino/export.json``: the OpenVINO version and the SHA-256 of every weights file the
-  export was made from, so that the handler never serves an export of other weights;
+* with ``--int8``, the UNet in OpenVINO's hybrid int8 instead (model_tools.openvino_quantize:
+  faster on a CPU with AMX, and lossy);
+* ``openvino/export.json``: the OpenVINO version, the UNet's quantization, and the SHA-256 of
+  every weights file the export was made from, so that the handler never serves an export of
+  other weights;
 * one line, ``openvino==<version>``, added to the folder's ``requirements.txt`` if it has one:
   the endpoint then installs the runtime at start-up. A GPU deployment of a folder without
   the export installs nothing more.
@@ -31,6 +37,10 @@ import torch
 
 from sd_endpoint.engine import _dtype_argument
 from sd_endpoint.openvino_engine import EXPORT_DIR, weights_digest
+
+REQUIREMENT_COMMENT = (
+    "# OpenVINO's CPU runtime for the export in openvino/ (model_tools.openvino_export)"
+)
 
 
 class UNetForExport(torch.nn.Module):
@@ -54,9 +64,14 @@ class DecoderForExport(torch.nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
-def export(model_dir: Path) -> dict:
+def export(model_dir: Path, int8: bool = False) -> dict:
     """Write ``model_dir/openvino/``; returns what was written and how long it took."""
     import openvino
+
+    from model_tools import openvino_quantize
+
+    if int8 and (missing := openvino_quantize.nncf_missing()):
+        raise SystemExit(missing)
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     started = time.perf_counter()
@@ -70,6 +85,7 @@ def export(model_dir: Path) -> dict:
             "(an SDXL-style model?); only SD 1.x/2.x UNets are exported"
         )
     out = model_dir / EXPORT_DIR
+    calls = openvino_quantize.calibration_inputs(model_dir, unet, vae) if int8 else None
     side = config.sample_size
     examples = {
         "unet": (
@@ -94,14 +110,25 @@ def export(model_dir: Path) -> dict:
     for name, (module, example, shapes) in examples.items():
         with torch.no_grad():
             converted = openvino.convert_model(module, example_input=example, input=shapes)
+        if name == "unet" and calls:
+            converted = openvino_quantize.quantize_unet(converted, calls)
         (out / name).mkdir(parents=True, exist_ok=True)
         openvino.save_model(converted, out / name / "openvino_model.xml")
         del converted
     version = openvino.__version__.split("-")[0]
-    record = {"openvino": version, "weights": weights_digest(model_dir)}
+    record = {
+        "openvino": version,
+        "unet": openvino_quantize.RECIPE if int8 else "float",
+        "weights": weights_digest(model_dir),
+    }
     (out / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     requirement = add_requirement(model_dir, f"openvino=={version}")
-    return {"folder": out, "seconds": time.perf_counter() - started, "requirement": requirement}
+    return {
+        "folder": out,
+        "seconds": time.perf_counter() - started,
+        "requirement": requirement,
+        "version": version,
+    }
 
 
 def add_requirement(model_dir: Path, line: str) -> Path | None:
@@ -112,16 +139,36 @@ def add_requirement(model_dir: Path, line: str) -> Path | None:
     text = requirements.read_text()
     if any(row.split("=")[0].strip() == "openvino" for row in text.splitlines()):
         return requirements
-    comment = "# OpenVINO's CPU runtime for the export in openvino/ (model_tools.openvino_export)"
-    requirements.write_text(text.rstrip("\n") + f"\n{comment}\n{line}\n")
+    requirements.write_text(text.rstrip("\n") + f"\n{REQUIREMENT_COMMENT}\n{line}\n")
     return requirements
+
+
+def drop_requirement(model_dir: Path) -> None:
+    """The lines add_requirement wrote, taken out of the folder's requirements.txt again."""
+    requirements = model_dir / "requirements.txt"
+    if not requirements.is_file():
+        return
+    lines = requirements.read_text().splitlines()
+    kept = [
+        line
+        for line in lines
+        if line != REQUIREMENT_COMMENT and line.split("=")[0].strip() != "openvino"
+    ]
+    if kept != lines:
+        requirements.write_text("\n".join(kept) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path("."))
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="the UNet in OpenVINO's hybrid int8 (int8 convolutions, int8 linear weights): "
+        "faster on a CPU with AMX, lossy; needs nncf",
+    )
     args = parser.parse_args(argv)
-    result = export(args.model_dir.resolve())
+    result = export(args.model_dir.resolve(), int8=args.int8)
     print(f"wrote {result['folder']} in {result['seconds']:.0f} s")
     if result["requirement"]:
         print(f"{result['requirement']} asks for OpenVINO's runtime")

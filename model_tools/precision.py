@@ -46,10 +46,14 @@ def handler_in(model_dir: Path, dtype: str, openvino: bool = False):
     return handler
 
 
-def compare(model_dir: Path, native: int, large: int, openvino: bool = False) -> dict:
+def compare(
+    model_dir: Path, native: int, large: int, openvino: bool = False, dtype: str = "bfloat16"
+) -> dict:
+    """The same requests from float32 PyTorch (``reference``) and ``dtype`` (``served``),
+    on the folder's OpenVINO export where ``openvino``."""
     handlers = {
-        "float32": handler_in(model_dir, "float32"),
-        "bfloat16": handler_in(model_dir, "bfloat16", openvino),
+        "reference": handler_in(model_dir, "float32"),
+        "served": handler_in(model_dir, dtype, openvino),
     }
     cases = [(p, None) for p in prompts(native)] + [(p, 512) for p in prompts(large, native)]
     differences, right = [], {dtype: 0 for dtype in handlers}
@@ -68,7 +72,7 @@ def compare(model_dir: Path, native: int, large: int, openvino: bool = False) ->
                 prompt.shape,
                 prompt.background,
             )
-        differences.append(np.abs(images["float32"] - images["bfloat16"]).mean())
+        differences.append(np.abs(images["reference"] - images["served"]).mean())
     return {
         "requests": len(cases),
         "mean_abs_pixel_difference": float(np.mean(differences)),
@@ -93,20 +97,26 @@ def main() -> None:
     parser.add_argument(
         "--openvino",
         action="store_true",
-        help="serve the bfloat16 side with the folder's OpenVINO export (float32 stays PyTorch)",
+        help="serve the compared side with the folder's OpenVINO export (float32 stays PyTorch)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="precision of the compared side (float32 with --openvino: OpenVINO's float32)",
     )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    result = compare(args.model_dir, args.native, args.large, args.openvino)
-    bfloat16 = "bfloat16 on OpenVINO" if args.openvino else "bfloat16"
+    result = compare(args.model_dir, args.native, args.large, args.openvino, args.dtype)
+    served = f"{args.dtype} on OpenVINO" if args.openvino else args.dtype
     print(
-        f"{result['requests']} requests, {STEPS} steps, float32 vs {bfloat16}: mean absolute "
+        f"{result['requests']} requests, {STEPS} steps, float32 vs {served}: mean absolute "
         f"pixel difference {result['mean_abs_pixel_difference']:.2f} / 255 (largest "
         f"{result['largest_mean_abs_pixel_difference']:.2f}); colour, shape and background "
-        f"all right: float32 {result['all_right']['float32']:.0%}, "
-        f"bfloat16 {result['all_right']['bfloat16']:.0%} "
+        f"all right: float32 {result['all_right']['reference']:.0%}, "
+        f"{served} {result['all_right']['served']:.0%} "
         f"({time.perf_counter() - started:.0f} s)"
     )
 

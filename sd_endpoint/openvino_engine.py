@@ -60,8 +60,10 @@ def load(model_dir: Path, setting: str, device: torch.device, dtype: torch.dtype
         )
         return None
     models = OpenVINOModels(openvino, export, dtype, threads)
+    models.unet_weights = record.get("unet", "float")
     log.info(
-        "serving the UNet and the VAE decoder with OpenVINO %s (%s) at the SD_WARMUP sizes",
+        "serving the UNet (%s) and the VAE decoder with OpenVINO %s (%s) at the SD_WARMUP sizes",
+        models.unet_weights,
         record.get("openvino"),
         models.precision,
     )
@@ -93,6 +95,7 @@ class OpenVINOModels:
     def __init__(self, openvino, export: Path, dtype: torch.dtype, threads: int):
         self.core = openvino.Core()
         self.precision = "bf16" if dtype == torch.bfloat16 else "f32"
+        self.unet_weights = "float"  # or the int8 recipe the export used (export.json)
         self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self.precision}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads

@@ -148,3 +148,100 @@ def test_an_export_without_the_runtime_installed_serves_with_pytorch(
 def test_a_bad_openvino_setting_stops_start_up_naming_the_variable():
     with pytest.raises(ValueError, match="SD_OPENVINO='on' is not one of auto, off"):
         Settings.from_env({"SD_OPENVINO": "on"})
+
+
+# --- int8 -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_exported(repo_root, tmp_path_factory):
+    """The shipped model with a hybrid int8 export (model_tools.openvino_export --int8)."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from model_tools.openvino_export import export
+
+    folder = copy_model(repo_root, tmp_path_factory.mktemp("int8"))
+    export(folder, int8=True)
+    return folder
+
+
+def op_types(unet_xml) -> dict[str, int]:
+    import openvino
+
+    types: dict[str, int] = {}
+    for op in openvino.Core().read_model(unet_xml).get_ops():
+        name = op.get_type_name()
+        if name == "Constant" and op.get_element_type() in (openvino.Type.u8, openvino.Type.i8):
+            name = "int8 constant"
+        types[name] = types.get(name, 0) + 1
+    return types
+
+
+def test_the_int8_export_computes_its_convolutions_in_int8(int8_exported, exported):
+    quantized = op_types(int8_exported / "openvino" / "unet" / "openvino_model.xml")
+    plain = op_types(exported / "openvino" / "unet" / "openvino_model.xml")
+    # Inputs of the convolutions quantized (FakeQuantize), weights stored in 8 bits.
+    assert quantized.get("FakeQuantize", 0) >= quantized["Convolution"] // 2, quantized
+    assert quantized.get("int8 constant", 0) >= quantized["Convolution"], quantized
+    assert "FakeQuantize" not in plain and "int8 constant" not in plain
+    record = json.loads((int8_exported / "openvino" / "export.json").read_text())
+    assert record["unet"].startswith("hybrid int8")
+
+
+def test_the_int8_export_is_served_close_to_the_float_one(int8_exported, both):
+    served, plain = both
+    int8 = build(int8_exported)
+    assert "int8" in int8.engine.openvino.unet_weights
+    image, reference = pixels(int8(REQUEST)), pixels(plain(REQUEST))
+    difference = np.abs(image - reference).mean()
+    # Lossy, unlike the float export (< 0.5 above); on 52 requests the mean was 6.7 / 255.
+    assert 0.5 < difference < 25, f"mean difference {difference:.2f} of 255"
+    assert np.array_equal(image, pixels(int8(REQUEST))), "still the same image for a seed"
+
+
+# --- the importer's --openvino ------------------------------------------------------------
+
+
+def test_import_with_openvino_prepares_the_repository_and_a_plain_one_undoes_it(
+    repo_root, tmp_path, capsys
+):
+    pytest.importorskip("openvino")
+    from model_tools import importer
+
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "requirements.txt").write_text("diffusers>=0.33.1\n")
+    assert importer.main([str(repo_root), "--out", str(out), "--openvino"]) == 0
+    stdout = capsys.readouterr().out
+    assert "OpenVINO export (UNet and VAE decoder) written" in stdout
+    assert (out / "openvino" / "export.json").is_file()
+    assert (out / "requirements.txt").read_text().splitlines()[-1].startswith("openvino==")
+    handler = build(out)
+    assert handler.engine.openvino is not None and handler.engine.openvino._compiled
+
+    assert importer.main([str(repo_root), "--out", str(out)]) == 0
+    assert not (out / "openvino").exists(), "an export of the replaced weights is not kept"
+    assert (out / "requirements.txt").read_text() == "diffusers>=0.33.1\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "options", "message"),
+    [
+        (
+            "tests/models/sdxl",
+            ["--openvino"],
+            "--openvino: Stable Diffusion XL models are not exported for OpenVINO",
+        ),
+        (".", ["--int8"], "--int8 quantizes the OpenVINO export: give --openvino too"),
+    ],
+)
+def test_import_refuses_what_cannot_be_exported_before_any_work(
+    repo_root, tmp_path, capsys, source, options, message
+):
+    from model_tools import importer
+
+    out = tmp_path / "repo"
+    out.mkdir()
+    assert importer.main([str(repo_root / source), "--out", str(out), *options]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert list(out.iterdir()) == []

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import errno
 import gc
+import importlib.util
 import logging
 import os
 import shutil
@@ -140,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
         "weights-only loader, which refuses anything but tensors",
     )
     parser.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also prepare the model for CPU serving: its UNet and VAE decoder exported for "
+        "OpenVINO into openvino/, and openvino added to requirements.txt (SD 1.x/2.x; needs "
+        "requirements-cpu.txt; leave it out for a GPU deployment)",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --openvino: the UNet in OpenVINO's hybrid int8 (faster on a CPU with AMX, "
+        "lossy: docs/performance.md)",
+    )
+    parser.add_argument(
         "--skip-check",
         action="store_true",
         help="do not load the written model and make a test image before swapping it in",
@@ -163,8 +177,11 @@ def plan_import(args: argparse.Namespace) -> Plan:
         allow_pickle=args.allow_pickle,
         skip_check=args.skip_check,
         prediction_type=args.prediction_type,
+        openvino=args.openvino,
+        int8=args.int8,
     )
     check_out(out)
+    check_openvino(plan)
     plan.loras = [parse_lora(spec, args.allow_pickle) for spec in args.lora]
     if args.vae is not None:
         plan.vae = check_vae(args.vae.resolve(), args.allow_pickle)
@@ -174,6 +191,7 @@ def plan_import(args: argparse.Namespace) -> Plan:
         plan.source = str(source.resolve())
         keys = sources.read_checkpoint_keys(source.resolve(), args.allow_pickle)
         plan.family = sources.family_of(keys, source)
+        refuse_openvino(plan)
         plan.config = (args.config or plan.family.config).resolve()
         what = "--config" if args.config else "shipped config"
         sources.check_config(plan.config, what, plan.family)
@@ -192,6 +210,7 @@ def plan_import(args: argparse.Namespace) -> Plan:
         plan.kind = "folder"
         plan.source = str(source.resolve())
         plan.family, plan.standard_sizes = sources.check_folder(source.resolve(), args.allow_pickle)
+        refuse_openvino(plan)
     elif sources.looks_like_a_path(args.source):
         raise ImportFailed(f"SOURCE {args.source}: no such file or folder")
     elif sources.HUB_ID.match(args.source):
@@ -225,6 +244,34 @@ def read_scheduler_markers(plan: Plan, keys: list[str], asked: str | None) -> No
                 f"the file's {key} key: the scheduler set to "
                 + ", ".join(f"{name} {value}" for name, value in settings.items())
             )
+
+
+def check_openvino(plan: Plan) -> None:
+    """--openvino and --int8 can run here (the family is checked once known: refuse_openvino)."""
+    if plan.int8 and not plan.openvino:
+        raise ImportFailed("--int8 quantizes the OpenVINO export: give --openvino too")
+    if not plan.openvino:
+        return
+    needed = ["openvino", *(["nncf"] if plan.int8 else [])]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportFailed(
+            f"--openvino{' --int8' if plan.int8 else ''} needs {' and '.join(missing)}: "
+            "pip install -r requirements-cpu.txt"
+        )
+
+
+def refuse_openvino(plan: Plan) -> None:
+    """Only SD 1.x/2.x UNets are exported; SDXL's takes more conditioning than its text."""
+    if (
+        plan.openvino
+        and plan.family is not None
+        and plan.family.pipeline_class != ("StableDiffusionPipeline")
+    ):
+        raise ImportFailed(
+            f"--openvino: {plan.family.name} models are not exported for OpenVINO (SD 1.x and "
+            "2.x are); leave it out, a CPU serves them with PyTorch"
+        )
 
 
 def check_out(out: Path) -> None:
@@ -289,12 +336,15 @@ def run(plan: Plan) -> list[str]:
         }
         itemsize = torch.empty((), dtype=getattr(torch, plan.dtype)).element_size()
         write.free_space_check(plan, sum(counts.values()) * itemsize)
+        refuse_openvino(plan)  # a Hub repo's family is known once it is downloaded
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         write.write_model(pipe, tokenizers, staged, plan)
         write.write_gitattributes(staged, plan.out)
         edit.write_card(staged, plan.out, plan)
         del pipe
         gc.collect()
+        if plan.openvino:
+            log.append(write.export_openvino(staged, plan.int8))
         converted = time.perf_counter()
         parameters = sum(counts.values())
         check = (
@@ -302,6 +352,7 @@ def run(plan: Plan) -> list[str]:
         )
         size = write.folder_size(staged)
         write.swap_in(staged, plan.out, work / "replaced")
+        write.ask_for_openvino(plan.out, staged_with_openvino=plan.openvino)
     except Exception as exc:  # safetensors reports a full disk as its own SafetensorError
         if getattr(exc, "errno", None) == errno.ENOSPC or "os error 28" in str(exc):
             raise ImportFailed(

@@ -45,6 +45,9 @@ class Plan:
     base_model: str | None = None
     allow_pickle: bool = False
     skip_check: bool = False
+    # Prepare for CPU serving: the UNet and VAE decoder exported for OpenVINO (int8: hybrid).
+    openvino: bool = False
+    int8: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -31,6 +31,7 @@ MODEL_ENTRIES = tuple(
             ),
             "scheduler",
             *(name for family in FAMILIES.values() for name in family.unused_components),
+            "openvino",  # an export of the weights replaced would only be ignored
         ]
     )
 )
@@ -160,6 +161,8 @@ def check_written(folder: Path, parameters: int) -> str:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     environ = {**os.environ, "SD_WARMUP": "", "SD_COMPILE": "off"}
+    if (folder / "openvino").is_dir():  # the check image then runs through the export too
+        environ["SD_WARMUP"] = f"{CHECK_SIZE}x{CHECK_SIZE}"
     in_bfloat16 = "SD_DTYPE" not in environ and float32_does_not_fit(parameters, environ)
     if in_bfloat16:
         environ["SD_DTYPE"] = "bfloat16"
@@ -230,6 +233,28 @@ def swap_in(staged: Path, out: Path, backup: Path) -> None:
         for src, dst in reversed(moved):
             os.rename(src, dst)
         raise
+
+
+def export_openvino(staged: Path, int8: bool) -> str:
+    """The staged model prepared for CPU serving (model_tools.openvino_export); its summary."""
+    from model_tools.openvino_export import export
+
+    result = export(staged, int8=int8)
+    what = "hybrid int8 UNet" if int8 else "UNet"
+    return f"OpenVINO export ({what} and VAE decoder) written in {result['seconds']:.0f} s"
+
+
+def ask_for_openvino(out: Path, staged_with_openvino: bool) -> None:
+    """``out``'s requirements.txt asks for OpenVINO's runtime where the model now carries an
+    export, and no longer where the model replaced carried one and this one does not."""
+    from model_tools.openvino_export import add_requirement, drop_requirement
+
+    if staged_with_openvino:
+        import openvino
+
+        add_requirement(out, f"openvino=={openvino.__version__.split('-')[0]}")
+    else:
+        drop_requirement(out)
 
 
 def free_space_check(plan: Plan, n_bytes: int) -> None:
