@@ -1,6 +1,6 @@
 """Each CPU speed lever on each stage of a full-size request, one configuration per process.
 
-    flock /tmp/heavy.lock .venv/bin/python -m benchmarks.cpu_levers              # 512x512
+    .venv/bin/python -m benchmarks.cpu_levers              # 512x512
     .venv/bin/python -m benchmarks.cpu_levers --configs bf16-cl,bf16-cl-frozen --size 256
 
 The stages of one guided request, timed apart on SD 1.5's exact architecture (random weights,

@@ -7,9 +7,10 @@ The contenders: ``stock``, the diffusers pipeline in float32 as most handlers ru
 ``handler``, handler.py with every setting at its default, on the folder prepared for CPU
 serving where PYTHON has the ``openvino`` package (the folder's UNet and VAE decoder are then
 exported once, model_tools.openvino_export, and served by OpenVINO at the warm-up size);
-``pytorch``, the same handler on PyTorch alone (``SD_OPENVINO=off``: a folder without the
-export); ``int8``, the handler on the folder prepared with ``--int8`` (hybrid int8 UNet, lossy;
-a sibling folder sharing the weights); ``openvino``, optimum-intel's own OpenVINO pipeline.
+``float``, the handler on a folder prepared with ``--unet float`` (the UNet unquantized; a
+sibling folder sharing the weights); ``pytorch``, the same handler on PyTorch alone
+(``SD_OPENVINO=off``: a folder without the export); ``openvino``, optimum-intel's own OpenVINO
+pipeline.
 
 SD 1.5's exact architecture with random weights (model_tools.build --arch sd15; built once),
 512x512, the same prompt and seed for every contender; any other model folder with --model.
@@ -144,15 +145,15 @@ def child_pytorch(model: Path, size: int, steps: int, target_steps: int) -> dict
     return child_handler(model, size, steps, target_steps, openvino="off")
 
 
-def child_int8(model: Path, size: int, steps: int, target_steps: int) -> dict:
-    """The handler's defaults on the folder prepared for CPU with ``--int8``: its weights
-    shared with ``model``, its own export (int8_folder)."""
-    return child_handler(int8_folder(model), size, steps, target_steps)
+def child_float(model: Path, size: int, steps: int, target_steps: int) -> dict:
+    """The handler's defaults on the folder prepared for CPU with ``--unet float``: its
+    weights shared with ``model``, its own export (float_folder)."""
+    return child_handler(float_folder(model), size, steps, target_steps)
 
 
-def int8_folder(model: Path) -> Path:
+def float_folder(model: Path) -> Path:
     """A sibling of ``model`` whose entries link to its own, all but the OpenVINO export."""
-    folder = model.with_name(model.name + "-int8")
+    folder = model.with_name(model.name + "-float")
     folder.mkdir(exist_ok=True)
     for entry in model.iterdir():
         if entry.name != "openvino" and not (folder / entry.name).exists():
@@ -218,7 +219,7 @@ CHILDREN = {
     "stock": child_stock,
     "handler": child_handler,
     "pytorch": child_pytorch,
-    "int8": child_int8,
+    "float": child_float,
     "openvino": child_openvino,
 }
 
@@ -279,6 +280,7 @@ def cpu_description() -> str:
     from sd_endpoint.acceleration import cpu_has_fast_bfloat16
 
     name = platform.processor() or platform.machine()
+    threads = int(os.environ.get("SD_NUM_THREADS", "0")) or torch.get_num_threads()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -287,29 +289,36 @@ def cpu_description() -> str:
     except OSError:
         pass
     return (
-        f"{name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"{name}, {os.cpu_count()} CPUs, {threads} threads per contender, "
         f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
         f"fast bfloat16 (AMX / AVX-512 BF16): {'yes' if cpu_has_fast_bfloat16() else 'no'}"
     )
 
 
-def ensure_openvino_export(model: Path, *options: str) -> None:
-    """The folder prepared for CPU serving, where this Python can: the handler then runs what
-    a person who prepared the repository gets (model_tools.openvino_export, timed once)."""
-    if (model / "openvino" / "export.json").is_file():
-        return
-    if importlib.util.find_spec("openvino") is None:
+def ensure_openvino_export(model: Path, unet: str) -> None:
+    """The folder prepared for CPU serving with a ``unet`` UNet, where this Python can: the
+    handler then runs what a person who prepared the repository gets
+    (model_tools.openvino_export, timed once)."""
+    record = model / "openvino" / "export.json"
+    if record.is_file():
+        recorded = json.loads(record.read_text()).get("unet", "float")
+        if ("float" if recorded == "float" else "int8") == unet:
+            return
+    needed = ["openvino", *(["nncf"] if unet == "int8" else [])]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
         print(
-            "  no openvino package in this Python: the handler runs PyTorch alone "
-            "(its row is then the `pytorch` contender's)",
+            f"  no {' or '.join(missing)} package in this Python (requirements-cpu.txt): "
+            f"{model.name} stays unprepared, served by PyTorch alone",
             flush=True,
         )
         return
     started = time.perf_counter()
     command = [sys.executable, "-m", "model_tools.openvino_export", "--model-dir", str(model)]
-    subprocess.run([*command, *options], cwd=REPO_ROOT, check=True, capture_output=True)
+    command += ["--unet", unet]
+    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
     print(
-        f"  exported the UNet and VAE decoder for OpenVINO {' '.join(options)} in "
+        f"  exported the {unet} UNet and the VAE decoder for OpenVINO in "
         f"{time.perf_counter() - started:.0f} s"
     )
 
@@ -318,9 +327,9 @@ def measure(model: Path, size: int, steps: int, target_steps: int, contenders) -
     """Every contender in turn on ``model``; prints the table and returns the figures."""
     ensure_sd15(model)
     if "handler" in contenders:
-        ensure_openvino_export(model)
-    if "int8" in contenders:
-        ensure_openvino_export(int8_folder(model), "--int8")
+        ensure_openvino_export(model, "int8")
+    if "float" in contenders:
+        ensure_openvino_export(float_folder(model), "float")
     print(f"  {cpu_description()}")
     print(
         f"  {size}x{size}; each contender measured over {steps} steps in a fresh process; "
@@ -386,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4, help="steps measured per contender")
     parser.add_argument("--target-steps", type=int, default=25)
-    parser.add_argument("--contenders", default="stock,handler,pytorch,openvino")
+    parser.add_argument("--contenders", default="stock,handler,float,pytorch,openvino")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

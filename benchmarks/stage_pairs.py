@@ -1,6 +1,6 @@
 """The stages of a request on torch's paths and on OpenVINO, alternated call by call.
 
-    flock /tmp/heavy.lock .venv/bin/python -m benchmarks.stage_pairs --configs bf16-cl,openvino
+    .venv/bin/python -m benchmarks.stage_pairs --configs bf16-cl,openvino
 
 On a machine that other work shares, a figure taken minutes after another says more about the
 load than about either: here every contender is loaded once in a live process of its own and

@@ -1,10 +1,10 @@
 """Prepare a model folder for CPU serving: its UNet and VAE decoder as OpenVINO models.
 
     pip install -r requirements-cpu.txt                    # beside torch and diffusers
-    python -m model_tools.openvino_export --model-dir DIR  # DIR/openvino/, ~2 min for SD 1.5
-    python -m model_tools.openvino_export --model-dir DIR --int8   # hybrid int8 UNet, lossy
+    python -m model_tools.openvino_export --model-dir DIR  # DIR/openvino/: int8 UNet
+    python -m model_tools.openvino_export --model-dir DIR --unet float  # the UNet unquantized
 
-The importer does the same after an import with ``--openvino`` (and ``--int8``).
+The importer does the same after an import with ``--openvino`` (``--openvino-unet float``).
 
 The handler serves the UNet and the VAE decoder of a folder that carries ``openvino/`` with
 OpenVINO's CPU runtime at the SD_WARMUP sizes (sd_endpoint/openvino_engine.py), where the
@@ -12,12 +12,14 @@ OpenVINO's CPU runtime at the SD_WARMUP sizes (sd_endpoint/openvino_engine.py), 
 writes, from the folder's own safetensors weights (in float32: OpenVINO picks the precision
 when it compiles, bfloat16 on CPUs with AMX or AVX-512 BF16):
 
-* ``openvino/unet/openvino_model.xml`` (+ ``.bin``, weights stored as float16): inputs
-  sample, timestep (float, one value) and encoder_hidden_states, any batch, size and length;
+* ``openvino/unet/openvino_model.xml`` (+ ``.bin``): inputs sample, timestep (float, one
+  value) and encoder_hidden_states, any batch, size and length; by default in OpenVINO's
+  hybrid int8 (model_tools.openvino_quantize: int8 convolutions and linear weights, 1.17x
+  faster than the float UNet on a CPU with AMX, half its size, calibrated on the folder's own
+  pipeline: ~20 min for SD 1.5 on 2 vCPUs), or with ``--unet float`` unquantized (weights
+  stored as float16, ~2 min);
 * ``openvino/vae_decoder/openvino_model.xml``: latents (already divided by the VAE's scaling
   factor) to the decoded image in [-1, 1];
-* with ``--int8``, the UNet in OpenVINO's hybrid int8 instead (model_tools.openvino_quantize:
-  faster on a CPU with AMX, and lossy);
 * ``openvino/export.json``: the OpenVINO version, the UNet's quantization, and the SHA-256 of
   every weights file the export was made from, so that the handler never serves an export of
   other weights;
@@ -38,6 +40,7 @@ import torch
 from sd_endpoint.engine import _dtype_argument
 from sd_endpoint.openvino_engine import EXPORT_DIR, weights_digest
 
+UNET_WEIGHTS = ("int8", "float")
 REQUIREMENT_COMMENT = (
     "# OpenVINO's CPU runtime for the export in openvino/ (model_tools.openvino_export)"
 )
@@ -64,12 +67,16 @@ class DecoderForExport(torch.nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
-def export(model_dir: Path, int8: bool = False) -> dict:
-    """Write ``model_dir/openvino/``; returns what was written and how long it took."""
+def export(model_dir: Path, unet: str = "int8") -> dict:
+    """Write ``model_dir/openvino/`` with the UNet in ``unet`` (one of UNET_WEIGHTS); returns
+    what was written and how long it took."""
     import openvino
 
     from model_tools import openvino_quantize
 
+    if unet not in UNET_WEIGHTS:
+        raise ValueError(f"unet={unet!r} is not one of {', '.join(UNET_WEIGHTS)}")
+    int8 = unet == "int8"
     if int8 and (missing := openvino_quantize.nncf_missing()):
         raise SystemExit(missing)
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -162,13 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path("."))
     parser.add_argument(
-        "--int8",
-        action="store_true",
-        help="the UNet in OpenVINO's hybrid int8 (int8 convolutions, int8 linear weights): "
-        "faster on a CPU with AMX, lossy; needs nncf",
+        "--unet",
+        choices=UNET_WEIGHTS,
+        default="int8",
+        help="int8 (default): OpenVINO's hybrid int8, calibrated on the folder's own pipeline "
+        "(needs nncf); float: unquantized, the float export's images within rounding of "
+        "PyTorch's (docs/performance.md has both measured)",
     )
     args = parser.parse_args(argv)
-    result = export(args.model_dir.resolve(), int8=args.int8)
+    result = export(args.model_dir.resolve(), unet=args.unet)
     print(f"wrote {result['folder']} in {result['seconds']:.0f} s")
     if result["requirement"]:
         print(f"{result['requirement']} asks for OpenVINO's runtime")

@@ -1,6 +1,6 @@
 """Hybrid int8 for an exported UNet: OpenVINO's own recipe for Stable Diffusion on a CPU.
 
-    python -m model_tools.openvino_export --model-dir DIR --int8   # nncf: requirements-cpu.txt
+    python -m model_tools.openvino_export --model-dir DIR     # nncf: requirements-cpu.txt
 
 What it does, as optimum-intel's "hybrid quantization" does: the weights of every linear layer
 are stored in int8 (one scale and zero point per output channel) and expanded when they are
@@ -39,7 +39,10 @@ FLOAT_LAYERS = (r".*\.conv_in/.*", r".*\.conv_out/.*")
 def nncf_missing() -> str | None:
     """Why ``--int8`` cannot run here, or None."""
     if importlib.util.find_spec("nncf") is None:
-        return "--int8 needs the nncf package: pip install -r requirements-cpu.txt"
+        return (
+            "an int8 UNet needs the nncf package: pip install -r requirements-cpu.txt "
+            "(or export the UNet unquantized: --unet float)"
+        )
     return None
 
 

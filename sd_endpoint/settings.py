@@ -111,7 +111,7 @@ class Settings:
             "loads the checker. Without one, nothing is checked."
         },
     )
-    # Speed switches. Each one was measured by scripts/benchmark.py; see the README.
+    # Speed switches. Each one was measured by scripts/benchmark.py; see docs/performance.md.
     warmup: str = field(
         default="native",
         metadata={
@@ -246,7 +246,8 @@ def _read(cls: type, environ: Mapping[str, str]) -> dict:
 
 
 def documented_variables() -> list[tuple[str, object, str]]:
-    """(variable, default, help) for every setting: the README's table is made from this."""
+    """(variable, default, help) for every setting: docs/configuration.md's table comes from
+    this."""
     rows = []
     for cls in (Settings, Limits):
         for f in fields(cls):

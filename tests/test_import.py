@@ -593,7 +593,7 @@ def measured(*command: str | Path, cwd: Path = REPO_ROOT) -> tuple[dict, str]:
 def test_full_size_single_file_imports_and_serves(tmp_path, fixture, native):
     """SD 1.5's and SD 2.1-768's exact architectures (random weights) as single files,
     imported and served through the handler: the figures of docs/import.md come from here
-    (`flock /tmp/heavy.lock pytest -m slow -s tests/test_import.py -k full_size`)."""
+    (`pytest -m slow -s tests/test_import.py -k full_size`)."""
     checkpoint = tmp_path / f"{fixture}.safetensors"
     made, _ = measured(
         "model_tools.single_file", "random", "--family", fixture, "--out", checkpoint

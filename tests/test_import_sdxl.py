@@ -493,9 +493,8 @@ def measured(script: str, *args: str | Path) -> tuple[dict, str]:
 def test_full_size_sdxl_single_file_imports_and_serves(tmp_path):
     """SDXL base's exact architecture (random weights) as an fp16 single file, imported (with
     its check) and served through the handler at 512x512 and 1024x1024: the figures of
-    docs/import.md come from here (`flock /tmp/heavy.lock pytest -m slow -s
-    tests/test_import_sdxl.py`; about 7 GB of disk under the temporary folder, 2 x 7 GB with
-    the imported copy)."""
+    docs/import.md come from here (`pytest -m slow -s tests/test_import_sdxl.py`; about 7 GB
+    of disk under the temporary folder, 2 x 7 GB with the imported copy)."""
     checkpoint = tmp_path / "sdxl-base.safetensors"
     made, _ = measured(
         IMPORT, "model_tools.single_file", "random", "--family", "sdxl-base", "--out", checkpoint

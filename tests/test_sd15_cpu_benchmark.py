@@ -103,8 +103,7 @@ def test_a_contender_is_timed_by_the_unet_calls_its_scheduler_makes(folders, con
 
 
 @pytest.mark.skipif(
-    any(importlib.util.find_spec(name) for name in ("openvino", "optimum")),
-    reason="OpenVINO is installed here",
+    importlib.util.find_spec("optimum") is not None, reason="optimum-intel is installed here"
 )
 def test_openvino_without_optimum_intel_is_reported_unavailable(folders):
     data = sd15_cpu.child_openvino(folders["PNDMScheduler"], SIZE, STEPS, TARGET)
@@ -126,7 +125,11 @@ def test_the_contest_runs_on_a_pndm_folder_with_openvino_unavailable(
         assert results[name]["unet_calls"] == STEPS + 1, results[name]
         assert results[name]["target_unet_calls"] == TARGET + 1
         assert results[name]["speedup"] > 0
-    assert results["handler"]["dtype"] == "float32, channels-last", "the shipped model is small"
+    # The shipped model is small: float32, and OpenVINO in float32 where the test environment
+    # has it (the benchmark then prepares the folder for CPU serving, as a person would).
+    prepared = importlib.util.find_spec("openvino") is not None
+    expected = "OpenVINO f32 int8 UNet + VAE decoder, " if prepared else ""
+    assert results["handler"]["dtype"] == expected + "float32, channels-last"
     table = capsys.readouterr().out
     assert "step (of 25)" in table and "4 / 26" in table and "unavailable" in table
     assert "start-up" in table and "(warm-up " in table

@@ -7,7 +7,6 @@ writer is built.
 
 from __future__ import annotations
 
-import fcntl
 import json
 from pathlib import Path
 
@@ -318,19 +317,9 @@ def test_prediction_type_sets_scheduler_and_native_size(tmp_path):
 # --- full size (opt-in) -------------------------------------------------------------------
 
 
-@pytest.fixture
-def heavy_lock():
-    """Full-size loads take several GB: one at a time on a shared machine."""
-    with open("/tmp/heavy.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["sd15", "sd21-768"])
-def test_full_size_random_checkpoint_imports_with_the_shipped_configs(
-    tmp_path, heavy_lock, fixture
-):
+def test_full_size_random_checkpoint_imports_with_the_shipped_configs(tmp_path, fixture):
     family = sf.FIXTURES[fixture]
     path = sf.save_checkpoint(sf.random_checkpoint(fixture), tmp_path / "model.safetensors")
     assert sf.detect_family(keys_of(path)) == family

@@ -143,15 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--openvino",
         action="store_true",
-        help="also prepare the model for CPU serving: its UNet and VAE decoder exported for "
-        "OpenVINO into openvino/, and openvino added to requirements.txt (SD 1.x/2.x; needs "
-        "requirements-cpu.txt; leave it out for a GPU deployment)",
+        help="also prepare the model for CPU serving: its UNet (in int8) and VAE decoder "
+        "exported for OpenVINO into openvino/, and openvino added to requirements.txt (SD "
+        "1.x/2.x; needs requirements-cpu.txt; ~20 min for SD 1.5 on 2 vCPUs; leave it out for "
+        "a GPU deployment)",
     )
     parser.add_argument(
-        "--int8",
-        action="store_true",
-        help="with --openvino: the UNet in OpenVINO's hybrid int8 (faster on a CPU with AMX, "
-        "lossy: docs/performance.md)",
+        "--openvino-unet",
+        choices=("int8", "float"),
+        help="with --openvino: int8 (default), OpenVINO's hybrid int8, calibrated on the "
+        "model's own pipeline; float, unquantized (~2 min): docs/performance.md has both",
     )
     parser.add_argument(
         "--skip-check",
@@ -178,10 +179,10 @@ def plan_import(args: argparse.Namespace) -> Plan:
         skip_check=args.skip_check,
         prediction_type=args.prediction_type,
         openvino=args.openvino,
-        int8=args.int8,
+        openvino_unet=args.openvino_unet or "int8",
     )
     check_out(out)
-    check_openvino(plan)
+    check_openvino(plan, unet_said=args.openvino_unet is not None)
     plan.loras = [parse_lora(spec, args.allow_pickle) for spec in args.lora]
     if args.vae is not None:
         plan.vae = check_vae(args.vae.resolve(), args.allow_pickle)
@@ -246,18 +247,18 @@ def read_scheduler_markers(plan: Plan, keys: list[str], asked: str | None) -> No
             )
 
 
-def check_openvino(plan: Plan) -> None:
-    """--openvino and --int8 can run here (the family is checked once known: refuse_openvino)."""
-    if plan.int8 and not plan.openvino:
-        raise ImportFailed("--int8 quantizes the OpenVINO export: give --openvino too")
+def check_openvino(plan: Plan, unet_said: bool) -> None:
+    """--openvino can run here (the family is checked once known: refuse_openvino)."""
+    if unet_said and not plan.openvino:
+        raise ImportFailed("--openvino-unet chooses the OpenVINO export's UNet: add --openvino")
     if not plan.openvino:
         return
-    needed = ["openvino", *(["nncf"] if plan.int8 else [])]
+    needed = ["openvino", *(["nncf"] if plan.openvino_unet == "int8" else [])]
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportFailed(
-            f"--openvino{' --int8' if plan.int8 else ''} needs {' and '.join(missing)}: "
-            "pip install -r requirements-cpu.txt"
+            f"--openvino needs {' and '.join(missing)}: pip install -r requirements-cpu.txt"
+            + (" (or --openvino-unet float, without nncf)" if missing == ["nncf"] else "")
         )
 
 
@@ -344,7 +345,7 @@ def run(plan: Plan) -> list[str]:
         del pipe
         gc.collect()
         if plan.openvino:
-            log.append(write.export_openvino(staged, plan.int8))
+            log.append(write.export_openvino(staged, plan.openvino_unet))
         converted = time.perf_counter()
         parameters = sum(counts.values())
         check = (

@@ -45,9 +45,10 @@ class Plan:
     base_model: str | None = None
     allow_pickle: bool = False
     skip_check: bool = False
-    # Prepare for CPU serving: the UNet and VAE decoder exported for OpenVINO (int8: hybrid).
+    # Prepare for CPU serving: the UNet and VAE decoder exported for OpenVINO, the UNet in
+    # openvino_unet ("int8": hybrid int8, or "float").
     openvino: bool = False
-    int8: bool = False
+    openvino_unet: str = "int8"
     notes: list[str] = field(default_factory=list)
 
     @property

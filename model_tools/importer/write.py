@@ -235,12 +235,12 @@ def swap_in(staged: Path, out: Path, backup: Path) -> None:
         raise
 
 
-def export_openvino(staged: Path, int8: bool) -> str:
+def export_openvino(staged: Path, unet: str) -> str:
     """The staged model prepared for CPU serving (model_tools.openvino_export); its summary."""
     from model_tools.openvino_export import export
 
-    result = export(staged, int8=int8)
-    what = "hybrid int8 UNet" if int8 else "UNet"
+    result = export(staged, unet=unet)
+    what = "hybrid int8 UNet" if unet == "int8" else "float UNet"
     return f"OpenVINO export ({what} and VAE decoder) written in {result['seconds']:.0f} s"
 
 
