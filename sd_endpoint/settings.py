@@ -138,9 +138,10 @@ class Settings:
             "SD_WARMUP sizes when the model folder carries an export of them (`openvino/`, "
             "written by `python -m model_tools.openvino_export`), the device is a CPU and the "
             "`openvino` package is installed; other sizes, batches and long prompts run on "
-            "PyTorch. On an AMX Xeon a 512x512, 25-step SD 1.5 request took 36 s instead of "
-            "56 s on bfloat16 PyTorch (the base image's torch 2.5.1; 39 s instead of 52 s with "
-            "torch 2.13), as fast as OpenVINO's own pipeline."
+            "PyTorch. On an AMX Xeon a 512x512, 25-step SD 1.5 request took 68 s with the "
+            "export's int8 UNet, 115 s on bfloat16 PyTorch and 350 s in the stock float32 "
+            "pipeline (one thread, the base image's libraries): 5.1x, and 1.12x OpenVINO's own "
+            "pipeline."
         },
     )
     channels_last: bool = field(
