@@ -10,12 +10,14 @@ prediction on Stable Diffusion's own scaled-linear noise schedule, so the shippe
 DPM-Solver++ sampler fits).
 
 A share of captions is dropped to "" so that classifier-free guidance has an unconditional
-model to push from, and about a third name only some attributes ("a red shape", "a circle on
-a black background", "red") so that a one-word negative prompt means something. A share of
-the captions (``--long-captions``) is padded with filler ("highly detailed, sharp focus, ...")
-before, after or around the key words, past the 75-token boundary, and every caption is
-encoded by the endpoint's own chunked encoder for the family (``model_tools.toys``): the model
-learns to find what is asked for in any chunk of a long prompt. What differs by family (the
+model to push from (the SDXL toy also drops its pooled text embedding alone from a share of
+the others, ``--pooled-dropout``: ``model_tools.toys.XLText``), and about a third name only
+some attributes ("a red shape", "a circle on a black background", "red") so that a one-word
+negative prompt means something. A share of the captions (``--long-captions``) is padded
+with filler ("highly detailed, sharp focus, ...") before, after or around the key words, past
+the 75-token boundary, and every caption is encoded by the endpoint's own chunked encoder for
+the family (``model_tools.toys``): the model learns to find what is asked for in any chunk of
+a long prompt. What differs by family (the
 make-up, the text encoders, the UNet's text inputs) comes from ``model_tools.toys``; the loop
 is the same.
 
@@ -38,6 +40,9 @@ from diffusers import DDPMScheduler
 from . import synthetic
 from .architecture import SD_SCHEDULER
 from .toys import TOYS
+
+# Options of some toys' text sides only (``Toy.text_options``).
+TEXT_OPTIONS = ("pooled_dropout",)
 
 
 def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -252,6 +257,12 @@ def main() -> None:
         help="share of non-empty captions padded with filler past the 75-token chunk boundary",
     )
     parser.add_argument(
+        "--pooled-dropout",
+        type=float,
+        help="SDXL toy: share of the kept captions whose pooled embedding alone is zeroed "
+        "(default 0)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -261,6 +272,10 @@ def main() -> None:
     # Each toy's own defaults (its step counts), then what the command line says.
     parser.set_defaults(**TOYS[parser.parse_known_args()[0].family].training)
     args = parser.parse_args()
+    toy = TOYS[args.family]
+    text_options = {n: getattr(args, n) for n in TEXT_OPTIONS if getattr(args, n) is not None}
+    for name in text_options.keys() - set(toy.text_options):
+        parser.error(f"--{name.replace('_', '-')}: the {args.family} toy has no such option")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -268,11 +283,10 @@ def main() -> None:
     vae_rng, pool_rng, unet_rng = (np.random.default_rng([args.seed, i]) for i in range(3))
     generator = torch.Generator().manual_seed(args.seed)
 
-    toy = TOYS[args.family]
     out = args.out or toy.folder
     arch = toy.architecture()
     modules = toy.build(arch, args.seed)
-    text_side = toy.text_side(modules, out)  # writes the tokenizers into `out`
+    text_side = toy.text_side(modules, out, **text_options)  # writes the tokenizers into `out`
 
     started = time.perf_counter()
     train_vae(modules["vae"], args, vae_rng)

@@ -62,6 +62,34 @@ def test_a_dropped_sdxl_caption_is_zeros_as_an_empty_negative_prompt_is_served(x
     assert mask[1].sum() == xl_text.encoder.length
 
 
+def test_sdxl_pooled_dropout_zeroes_the_pooled_embedding_alone(tmp_path):
+    """With ``pooled_dropout`` a share of the kept captions loses the pooled embedding, their
+    token states kept as the endpoint serves them; a dropped caption stays all zeros."""
+    text = XLText(tiny_sdxl.build(tiny_sdxl.toy(), seed=3), tmp_path, pooled_dropout=0.3)
+    captions = [CAPTIONS[0]] * 63 + [""]
+    with torch.no_grad():
+        states, _, extra = text.embed(captions, np.random.default_rng(2))
+        served = text.encoder.encode(CAPTIONS[0], None, guided=False, max_chunks=3)
+    pooled = extra["added_cond_kwargs"]["text_embeds"]
+    for row in range(63):
+        torch.testing.assert_close(states[row], served.prompt_embeds[0])
+    zeroed = [row for row in range(63) if not pooled[row].any()]
+    for row in set(range(63)) - set(zeroed):
+        torch.testing.assert_close(pooled[row], served.pooled_prompt_embeds[0])
+    assert 10 <= len(zeroed) <= 30, len(zeroed)  # 0.3 of 63 is about 19
+    assert not states[63].any() and not pooled[63].any()
+
+
+def test_the_sd_toy_refuses_the_sdxl_toys_dropout_options(tmp_path):
+    command = [sys.executable, "-m", "model_tools.train", "--family", "sd", "--out", str(tmp_path)]
+    result = subprocess.run(
+        command + ["--pooled-dropout", "0.3"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "--pooled-dropout: the sd toy has no such option" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_sdxl_size_numbers_are_a_trained_size_uncropped(xl_text):
     _, _, extra = xl_text.embed(CAPTIONS * 8, np.random.default_rng(1))
     time_ids = extra["added_cond_kwargs"]["time_ids"]
