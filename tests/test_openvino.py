@@ -100,6 +100,23 @@ def test_other_shapes_run_on_pytorch_and_every_field_still_works(both, change):
     assert set(served.engine.openvino._compiled) == compiled, "nothing compiled after warm-up"
 
 
+def test_a_request_with_a_lora_runs_on_pytorch_and_one_without_on_openvino_again(
+    repo_root, exported, tmp_path
+):
+    """The export holds the base weights: a LoRA, patched into PyTorch's, must not reach it."""
+    folder = tmp_path / "with-loras"
+    shutil.copytree(exported, folder)
+    (folder / "loras").mkdir()
+    shutil.copy(repo_root / "loras" / "green-shapes.safetensors", folder / "loras")
+    served, plain = build(folder), build(folder, openvino="off")
+    request = {**REQUEST, "loras": {"green-shapes": 1.0}}
+    with_lora = pixels(served(request))
+    assert np.array_equal(with_lora, pixels(plain(request))), "PyTorch's own image"
+    base = pixels(served(REQUEST))
+    assert np.abs(base - with_lora).mean() > 5, "the LoRA changed the picture"
+    assert np.abs(base - pixels(plain(REQUEST))).mean() < 0.5
+
+
 def test_unguided_requests_decode_on_openvino_and_denoise_on_pytorch(both):
     served, plain = both
     request = {**REQUEST, "guidance_scale": 1}
