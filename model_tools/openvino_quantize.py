@@ -37,7 +37,7 @@ FLOAT_LAYERS = (r".*\.conv_in/.*", r".*\.conv_out/.*")
 
 
 def nncf_missing() -> str | None:
-    """Why ``--int8`` cannot run here, or None."""
+    """Why an int8 UNet cannot be made here, or None."""
     if importlib.util.find_spec("nncf") is None:
         return (
             "an int8 UNet needs the nncf package: pip install -r requirements-cpu.txt "
