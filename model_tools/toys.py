@@ -109,11 +109,11 @@ class XLText:
     every size, so the toy learns that they change nothing, and serves any requested size as it
     serves its native one.
 
-    Besides the dropped captions (all zeros), a share ``pooled_dropout`` of the kept ones (none
-    by default) loses the pooled embedding alone, to zeros, the token states kept, so that
-    those must carry the prompt through cross-attention: the pooled embedding, added to the
-    time embedding of every block, is where guidance 7.5 overshoots the committed toy
-    (docs/model.md, "The SDXL toy", has what 0.3 measured).
+    Besides the dropped captions (all zeros), a share ``pooled_dropout`` of the kept ones
+    (0.3 for the committed toy) loses the pooled embedding alone, to zeros, the token states
+    kept, so that those must carry the prompt through cross-attention: the pooled embedding,
+    added to the time embedding of every block, otherwise lets the toy follow its prompts
+    without guidance, and guidance 7.5 overshoots (docs/model.md, "The SDXL toy").
     """
 
     def __init__(
@@ -207,7 +207,12 @@ TOYS = {
         text_options=("pooled_dropout",),
         # Fewer steps than the shipped model's: its ~35 minutes on one thread of a shared
         # 2-core machine, where an SDXL toy's UNet step (two encoders, the add-embedding)
-        # costs about 1.4x the shipped model's.
-        training=MappingProxyType({"vae_steps": 600, "unet_steps": 2600}),
+        # costs about 1.4x the shipped model's. More caption dropout than the shipped model's
+        # 10%, and the pooled embedding dropped on its own, so that guidance has something
+        # to add: with the SD defaults the toy follows its prompts unguided and guidance 7.5
+        # over-guides it (docs/model.md, "The SDXL toy").
+        training=MappingProxyType(
+            {"vae_steps": 600, "unet_steps": 2600, "caption_dropout": 0.4, "pooled_dropout": 0.3}
+        ),
     ),
 }

@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 
 from model_tools import architecture, tiny_sdxl
-from model_tools.synthetic import FILLER
+from model_tools.synthetic import FILLER, random_scene
 from model_tools.toys import TRAINED_SIDES, SDText, XLText
+from model_tools.train import train_caption
 from sd_endpoint.loader import REPO_ROOT
 
 LONG = ", ".join(FILLER[:9]) + ", a red circle on a white background"  # two chunks
@@ -88,6 +89,40 @@ def test_the_sd_toy_refuses_the_sdxl_toys_dropout_options(tmp_path):
     assert result.returncode == 2
     assert "--pooled-dropout: the sd toy has no such option" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def caption_mix(dropout: float, draws: int = 20_000) -> dict[str, float]:
+    """Shares of dropped, bare-colour, whole and partial captions in ``draws`` training
+    captions at ``dropout``; the kinds are shares of the kept captions."""
+    rng = np.random.default_rng(5)
+    counts = dict.fromkeys(("dropped", "colour", "whole", "partial"), 0)
+    for _ in range(draws):
+        scene = random_scene(rng)
+        text = train_caption(scene, rng, dropout)
+        if not text:
+            counts["dropped"] += 1
+        elif text == scene.colour:
+            counts["colour"] += 1
+        else:
+            counts["whole" if text == scene.caption else "partial"] += 1
+    kept = draws - counts["dropped"]
+    return {"dropped": counts["dropped"] / draws} | {
+        kind: counts[kind] / kept for kind in ("colour", "whole", "partial")
+    }
+
+
+def test_caption_dropout_drops_captions_and_leaves_the_mix_of_the_rest():
+    """More dropout (the SDXL toy's) takes captions from every kind alike: the whole captions,
+    which teach colour, shape and background together, stay two in three of the kept ones."""
+    usual, more = caption_mix(0.1), caption_mix(0.4)
+    assert usual["dropped"] == pytest.approx(0.1, abs=0.01)
+    assert more["dropped"] == pytest.approx(0.4, abs=0.015)
+    # A partial caption keeps each part with even odds, redrawn until one is kept: 1 in 7
+    # keeps all three, which reads as a whole caption.
+    expected = {"colour": 0.05 / 0.9, "whole": (0.55 + 0.3 / 7) / 0.9, "partial": 0.3 * 6 / 7 / 0.9}
+    for kind, share in expected.items():
+        assert usual[kind] == pytest.approx(share, abs=0.015), kind
+        assert more[kind] == pytest.approx(share, abs=0.015), kind
 
 
 def test_sdxl_size_numbers_are_a_trained_size_uncropped(xl_text):
