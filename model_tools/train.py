@@ -41,8 +41,8 @@ from . import synthetic
 from .architecture import SD_SCHEDULER
 from .toys import TOYS
 
-# Options of some toys' text sides only (``Toy.text_options``).
-TEXT_OPTIONS = ("pooled_dropout",)
+# Options of some toys' text sides only, each toy's own in ``Toy.text_options``.
+TEXT_OPTIONS = tuple(dict.fromkeys(name for toy in TOYS.values() for name in toy.text_options))
 
 
 def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
