@@ -16,8 +16,11 @@ Per contender: seconds per image end to end (median of a few), steps/s of the de
 (output_type="latent" calls for the stock pipeline, the handler's own stage timer for the
 handler), load/compile/warm-up time, peak GPU memory. Then an out-of-memory check: with most
 of the GPU taken, a request too large must fail with the handler's clear error, and the next
-one succeed. A deadline (default 7 minutes) skips what would not fit, saying so in the JSON.
-Without CUDA it stops before the first CUDA call, saying so.
+one succeed. For SDXL also the two ways of never decoding a black image with a VAE that
+overflows float16: decode in float32 always (the handler, for a VAE whose config says
+`force_upcast`), or decode in float16, check, and decode again in float32 on overflow (the
+handler, for the others). A deadline (default 9 minutes) skips what would not fit, saying so
+in the JSON. Without CUDA it stops before the first CUDA call, saying so.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ WORKLOADS = {
     "sdxl": Workload("sdxl", 1024, 30, 1.2, {"stock": 60, "handler": 60, "compile": 240}),
 }
 NEEDED_OOM = 20
+NEEDED_VAE = 30
 
 
 class Deadline:
@@ -236,6 +240,45 @@ def out_of_memory_check(model: Path) -> dict:
     return outcome
 
 
+def vae_decode_costs(model: Path, size: int, repeats: int) -> dict:
+    """Seconds per image of a float32 decode and of a float16 decode with its finite check.
+
+    Decoding in float16 and again in float32 on overflow costs fp16 + share x fp32 per image,
+    decoding in float32 always costs fp32: the float16 way is cheaper only while the share of
+    images that overflow stays under (fp32 - fp16) / fp32. (Random weights: whether these
+    latents overflow says nothing; the timings are the real ones.)
+    """
+    from diffusers import AutoencoderKL
+
+    from sd_endpoint.engine import decode_latents
+
+    vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=torch.float16).to("cuda")
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    latents = torch.randn(1, 4, size // 8, size // 8, generator=generator).to("cuda")
+
+    def decode() -> None:
+        decode_latents(vae, latents)[1].item()  # the finite check read, as the handler reads it
+
+    def seconds() -> float:
+        decode()
+        return statistics.median(timed(decode) for _ in range(repeats))
+
+    torch.cuda.reset_peak_memory_stats()
+    fp16 = seconds()
+    fp16_memory = torch.cuda.max_memory_allocated()
+    vae.float()
+    torch.cuda.reset_peak_memory_stats()
+    fp32 = seconds()
+    return {
+        "size": size,
+        "float16_decode_and_check_s": round(fp16, 4),
+        "float32_decode_s": round(fp32, 4),
+        "float16_peak_gpu_memory_gib": gib(fp16_memory),
+        "float32_peak_gpu_memory_gib": gib(torch.cuda.max_memory_allocated()),
+        "float16_then_float32_cheaper_below_overflow_share": round((fp32 - fp16) / fp32, 3),
+    }
+
+
 def free_memory() -> None:
     gc.collect()
     torch.cuda.empty_cache()
@@ -345,6 +388,18 @@ def main() -> None:
         model = args.models / f"{workload.name}-random"
         report[workload.name] = run_workload(workload, model, args.repeats, deadline, save)
         save()
+        if workload.name == "sdxl":
+            if deadline.allows(NEEDED_VAE):
+                try:
+                    costs = vae_decode_costs(model, workload.size, args.repeats)
+                except Exception as exc:
+                    costs = f"failed: {type(exc).__name__}: {str(exc)[:500]}"
+                free_memory()
+            else:
+                costs = "skipped: would pass the deadline"
+            report["sdxl"]["vae_decode"] = costs
+            print(f"  sdxl VAE decode: {costs}", flush=True)
+            save()
     model = args.models / f"{workloads[0].name}-random" if workloads else None
     if model is not None and deadline.allows(NEEDED_OOM):
         report["out_of_memory"] = out_of_memory_check(model)
